@@ -1,0 +1,301 @@
+"""The averaging classes users construct: the seed-compatible API on sharded storage.
+
+One update, on every rank:
+  1. find this rank's source data (topology: whole tensors or FSDP2 shards);
+  2. pick the op from the call count: call 0 copies, every ``interval``-th call lerps with
+     the rule's weight, other calls only copy the tensors that follow the source;
+  3. hand the op to the engine (now, or overlapped with the next step).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import checkpoint
+from ._comm import ChunkComm
+from .engine import SyncEngine
+from .shards import Shards, Slot, chunk_bounds
+from .topology import Topology, unwrap
+
+logger = logging.getLogger(__name__)
+
+PLACEMENTS = ("sharded", "owner")
+
+
+class BaseAveragedModel:
+    """A running average of a model's weights, kept sharded across ranks.
+
+    Subclasses define the rule by overriding :meth:`weight`. The first call copies the
+    source; every ``interval``-th call after it sets ``avg <- avg + w * (src - avg)``.
+
+    Args:
+        model: the model being trained (plain, DDP, FSDP2, ``torch.compile``d or
+            accelerate-prepared).
+        interval: average every ``interval`` calls of :meth:`update_parameters`.
+        device: where the average lives: None (beside the parameters) or a device such as
+            ``"cpu"`` (pinned host memory when the parameters are on an accelerator).
+        update_buffers: also average floating-point buffers (BatchNorm statistics); when
+            False they are copied from the source on every call. Integer buffers
+            (``num_batches_tracked``) are always copied.
+        placement: ``"sharded"`` (each rank keeps its ``Shard(0)`` chunk of every tensor,
+            1/world of the model) or ``"owner"`` (rank ``owner_rank`` keeps it all).
+        owner_rank: the rank that holds the whole average (``"owner"``) and that
+            :meth:`full_state_dict` returns on.
+        dtype: dtype of the average for floating-point tensors (default: the tensor's
+            own). Use ``torch.float32`` for bf16/fp16 models with a small weight.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        interval: int = 1,
+        device: torch.device | str | None = None,
+        update_buffers: bool = False,
+        *,
+        placement: str = "sharded",
+        owner_rank: int = 0,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+        self.topology = topo = Topology(model)
+        if isinstance(owner_rank, bool) or not isinstance(owner_rank, int) or not (
+            0 <= owner_rank < topo.world
+        ):
+            raise ValueError(
+                f"owner_rank must be a rank in [0, {topo.world}), got {owner_rank!r}"
+            )
+        self.interval = interval
+        self.update_buffers = update_buffers
+        self.placement = placement
+        self.owner_rank = owner_rank
+        self.device = topo.device if device is None else torch.device(device)
+        self._steps = 0
+        self._warned_precision = False
+        self._gathers = placement == "owner" and topo.kind == "fsdp2" and topo.world > 1
+        self.shards = Shards(
+            self._slots(dtype),
+            self.device,
+            pin=self.device.type == "cpu" and topo.device.type != "cpu",
+        )
+        self._comm = ChunkComm(
+            [s.shape for s in topo.specs], [s.dtype for s in topo.specs],
+            topo.world, topo.rank, topo.device,
+        )
+        self._sources_cache: tuple[object, list] | None = None
+        self.engine = SyncEngine()
+        self._module = self._build_module(model)
+
+    # -- construction ---------------------------------------------------------------
+
+    def _slots(self, dtype: torch.dtype | None) -> list[Slot]:
+        topo, slots = self.topology, []
+        for i, spec in enumerate(topo.specs):
+            if self.placement == "owner" and topo.world > 1:
+                start, end = (0, spec.shape.numel()) if topo.rank == self.owner_rank else (0, 0)
+            else:
+                start, end = chunk_bounds(spec.shape, topo.world, topo.rank)
+            la, lb = topo.local_bounds(i)
+            if la <= start and end <= lb:
+                pieces = (end - start,) if end > start else ()
+            else:  # FSDP2 owner: the region arrives as every rank's chunk
+                bounds = (chunk_bounds(spec.shape, topo.world, r) for r in range(topo.world))
+                pieces = tuple(b - a for a, b in bounds if b > a)
+            floating = spec.dtype.is_floating_point
+            slots.append(
+                Slot(
+                    key=spec.key,
+                    shape=spec.shape,
+                    start=start,
+                    end=end,
+                    dtype=dtype if (dtype is not None and floating) else spec.dtype,
+                    src_dtype=spec.dtype,
+                    averaged=floating and (spec.is_param or self.update_buffers),
+                    pieces=pieces,
+                )
+            )
+        return slots
+
+    def _build_module(self, model: nn.Module) -> nn.Module | None:
+        """A full averaged module whose tensors are views of the flat buffers, if here."""
+        if self.topology.kind == "fsdp2" or not self._holds_all():
+            return None
+        source = unwrap(model)
+        state = source.state_dict(keep_vars=True)
+        memo: dict[int, Any] = {}
+        for i, spec in enumerate(self.topology.specs):
+            t = state[spec.key]
+            view = self.shards.view(i)
+            memo[id(t)] = nn.Parameter(view, requires_grad=False) if spec.is_param else view
+        module = copy.deepcopy(source, memo)
+        return module.requires_grad_(False)
+
+    def _holds_all(self) -> bool:
+        return all(s.start == 0 and s.end == s.shape.numel() for s in self.shards.slots)
+
+    # -- the rule -------------------------------------------------------------------
+
+    def weight(self, steps: int) -> float:
+        """Weight of the new value at averaging call ``steps`` (0-based, ``steps >= 1``)."""
+        raise NotImplementedError
+
+    def hparams(self) -> dict[str, Any]:
+        """The rule's parameters; saved with the average and checked on load."""
+        return {"interval": self.interval}
+
+    @property
+    def steps(self) -> int:
+        """Number of :meth:`update_parameters` calls so far."""
+        return self._steps
+
+    # -- updating -------------------------------------------------------------------
+
+    def update_parameters(self, model: nn.Module) -> None:
+        """Push this rank's source data into the average (see the class docstring)."""
+        self._check_group()
+        sources = self._sources(model)
+        steps = self._steps
+        if steps == 0:
+            op = self.shards.copy_all
+            args: tuple = (sources,)
+        elif steps % self.interval == 0:
+            w = float(self.weight(steps))
+            if not 0.0 <= w <= 1.0:
+                raise ValueError(
+                    f"{type(self).__name__}.weight({steps}) must be in [0, 1], got {w}"
+                )
+            self._check_precision(w)
+            op, args = self.shards.lerp, (sources, w)
+        else:
+            op, args = self.shards.follow, (sources,)
+        self.engine.submit(lambda: op(*args))
+        self._steps += 1
+
+    def _sources(self, model: nn.Module) -> list[list[torch.Tensor]]:
+        """Per slot, the 1-D source pieces that fill this rank's region."""
+        topo = self.topology
+        flat = topo.locals(model)
+        if not self._gathers and self._sources_cache and self._sources_cache[0] is flat:
+            return self._sources_cache[1]
+        gathered = None
+        if self._gathers:
+            chunks = [f if s.sharded else f[:0] for s, f in zip(topo.specs, flat, strict=True)]
+            gathered = self._comm.gather(chunks, self.owner_rank)
+        sources = []
+        for i, slot in enumerate(self.shards.slots):
+            la, _ = topo.local_bounds(i)
+            if not slot.pieces:
+                sources.append([])
+            elif topo.specs[i].sharded and gathered is not None and self._gathers:
+                sources.append(gathered[i])
+            else:
+                sources.append([flat[i][slot.start - la : slot.end - la]])
+        self._sources_cache = (flat, sources)
+        return sources
+
+    def _check_group(self) -> None:
+        if self.topology.world > 1 and not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                f"the process group this average was built with (world size "
+                f"{self.topology.world}) is gone; it cannot be updated or gathered (its "
+                f"values are unchanged). Call this before destroy_process_group()"
+            )
+
+    def _check_precision(self, w: float) -> None:
+        if self._warned_precision:
+            return
+        for s in self.shards.slots:
+            if s.averaged and s.dtype in (torch.bfloat16, torch.float16):
+                eps = torch.finfo(s.dtype).eps
+                if w < eps:
+                    warnings.warn(
+                        f"averaging in {s.dtype} with weight {w:.3g}, below its resolution "
+                        f"(eps {eps:.3g}): most updates round away. Pass dtype=torch.float32 "
+                        f"to keep an fp32 average",
+                        stacklevel=3,
+                    )
+                    self._warned_precision = True
+                    return
+
+    def wait(self) -> None:
+        """Block until every submitted update is applied."""
+        self.engine.wait()
+
+    # -- using the average ----------------------------------------------------------
+
+    @property
+    def module(self) -> nn.Module:
+        """The whole averaged module, where this rank holds the whole average."""
+        if self._module is None:
+            raise RuntimeError(
+                f"rank {self.topology.rank} holds no whole averaged module "
+                f"(placement={self.placement!r}, world size {self.topology.world}, "
+                f"{self.topology.kind}); use swapped(model) to evaluate the average or "
+                f"full_state_dict() to export it"
+            )
+        self.wait()
+        return self._module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the averaged module (see :attr:`module`)."""
+        return self.module(*args, **kwargs)
+
+    __call__ = forward
+
+    @contextmanager
+    def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Put the average into the live ``model`` for the ``with`` block.
+
+        The model keeps its (possibly sharded) layout: under FSDP2 each rank writes its
+        chunk into its own shard, with no gather. On exit, also on an exception, the
+        model's own values return bitwise. Extra memory: this rank's chunk of the model.
+        """
+        self.wait()
+        self._check_group()
+        swap = checkpoint.Swap(self, model)
+        swap.enter()
+        try:
+            yield model
+        finally:
+            swap.exit()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole average with the unwrapped model's ``state_dict()`` keys.
+
+        A collective when the average is sharded: every rank must call it. Returns the
+        tensors on ``owner_rank`` and an empty dict elsewhere.
+        """
+        self.wait()
+        self._check_group()
+        return checkpoint.full_state_dict(self)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The average in ``torch.distributed.checkpoint`` form (see checkpoint.py)."""
+        self.wait()
+        return checkpoint.state_dict(self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict` output (as loaded by DCP)."""
+        self.wait()
+        checkpoint.load_state_dict(self, state_dict)
+
+    def __repr__(self) -> str:
+        t = self.topology
+        return (
+            f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.hparams().items())}, "
+            f"placement={self.placement!r}, world={t.world}, topology={t.kind!r}, "
+            f"steps={self._steps}, bytes={self.shards.nbytes})"
+        )

@@ -1,0 +1,255 @@
+"""Where the average lives: flat buffers per dtype, per-tensor views, chunk ownership.
+
+[Note: chunking]
+Every averaged tensor is split along dim 0 exactly as FSDP2's ``Shard(0)`` does it
+(``torch.chunk``): chunks of ``ceil(dim0 / world)`` rows, a shorter last chunk, and
+possibly empty chunks at the end. A 0-dim tensor counts as one row. So a DDP rank's
+chunk of a replicated parameter and an FSDP2 rank's local shard are the same rows, and
+both describe themselves to DCP as the same ``Shard(0)`` DTensor.
+
+[Note: flat layout]
+This rank's averaged regions live in one flat buffer per dtype. Inside a buffer they are
+laid out by how they are updated, so that each kind of update is as few ops as possible:
+  1. *direct*: large averaged tensors whose source has the average's dtype, each
+     64-byte aligned; updated by one ``_foreach_lerp_`` over all of them.
+  2. *staged*: small averaged tensors (per-op overhead dominates) and tensors whose source
+     dtype differs (bf16 params, fp32 average); contiguous, updated block by block with
+     one ``cat`` into a staging block (which also casts) and one ``lerp_``.
+  3. *follow*: tensors copied from the source on every call (buffers when
+     ``update_buffers=False``, integer tensors always); contiguous, one ``cat`` writes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+# Below this many elements a tensor is staged: one cat + one lerp over many small tensors
+# beats one kernel launch (or TensorIterator setup) per tensor.
+SMALL_NUMEL = 1 << 15
+# Staging block size: large enough to amortise per-op overhead, small enough to stay in cache.
+STAGE_NUMEL = 1 << 20
+_ALIGN_BYTES = 64
+
+
+def rows_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape chunked along dim 0: a 0-dim tensor counts as one row."""
+    return tuple(shape) if len(shape) else (1,)
+
+
+def chunk_rows(dim0: int, world: int, rank: int) -> tuple[int, int]:
+    """Rows ``[start, end)`` of ``rank``'s ``torch.chunk(dim=0)`` piece, as FSDP2 shards."""
+    size = -(-dim0 // world)
+    start = min(rank * size, dim0)
+    return start, min(start + size, dim0)
+
+
+def chunk_bounds(shape: Sequence[int], world: int, rank: int) -> tuple[int, int]:
+    """Elements ``[start, end)`` of the flattened tensor that ``rank``'s chunk covers."""
+    rows = rows_shape(shape)
+    row_numel = 1
+    for d in rows[1:]:
+        row_numel *= d
+    start, end = chunk_rows(rows[0], world, rank)
+    return start * row_numel, end * row_numel
+
+
+def chunk_shape(shape: Sequence[int], world: int, rank: int) -> tuple[int, ...]:
+    """The local shape of ``rank``'s chunk (see [Note: chunking])."""
+    rows = rows_shape(shape)
+    start, end = chunk_rows(rows[0], world, rank)
+    return (end - start, *rows[1:])
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One averaged tensor, as this rank stores it.
+
+    Attributes:
+        key: the tensor's state-dict key in the unwrapped model.
+        shape: the tensor's global shape.
+        start: first element of the flattened tensor this rank keeps.
+        end: one past the last element this rank keeps.
+        dtype: the dtype of the average.
+        src_dtype: the dtype of the source tensor.
+        averaged: lerped on averaging calls; otherwise copied from the source on every call.
+        pieces: lengths of the source pieces that fill ``[start, end)`` in order (one piece
+            unless the region is assembled from several ranks).
+    """
+
+    key: str
+    shape: torch.Size
+    start: int
+    end: int
+    dtype: torch.dtype
+    src_dtype: torch.dtype
+    averaged: bool
+    pieces: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return self.end - self.start
+
+    @property
+    def direct(self) -> bool:
+        return (
+            self.averaged
+            and len(self.pieces) == 1
+            and self.src_dtype == self.dtype
+            and self.numel >= SMALL_NUMEL
+        )
+
+
+class _Group:
+    """The slots of one average dtype: their flat buffer and update plan."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, pin: bool) -> None:
+        self.dtype = dtype
+        self.device = device
+        self.pin = pin
+        self.direct: list[int] = []  # slot indices
+        self.staged: list[int] = []
+        self.follow: list[int] = []
+        self.offsets: dict[int, int] = {}
+        self.numel = 0
+
+    def layout(self, slots: Sequence[Slot]) -> None:
+        align = max(1, _ALIGN_BYTES // torch.empty((), dtype=self.dtype).element_size())
+        for i in self.direct:
+            self.numel = -(-self.numel // align) * align
+            self.offsets[i] = self.numel
+            self.numel += slots[i].numel
+        self.numel = -(-self.numel // align) * align
+        for i in self.staged + self.follow:
+            self.offsets[i] = self.numel
+            self.numel += slots[i].numel
+        self.flat = torch.zeros(self.numel, dtype=self.dtype, device=self.device, pin_memory=self.pin)
+        self.staged_start = self.offsets[self.staged[0]] if self.staged else 0
+        self.follow_start = self.offsets[self.follow[0]] if self.follow else self.numel
+        self.blocks = self._blocks(slots)
+        block_max = max((n for _, n, _ in self.blocks), default=0)
+        self.stage = torch.empty(block_max, dtype=self.dtype, device=self.device)
+
+    def _blocks(self, slots: Sequence[Slot]) -> list[tuple[int, int, list[tuple[int, int, int, int]]]]:
+        """Split the staged run into blocks of at most STAGE_NUMEL elements.
+
+        A block is ``(flat offset, numel, [(slot, piece, start, end), ...])``: the block's
+        source is the concatenation of those piece slices.
+        """
+        blocks, items, begin, size = [], [], self.staged_start, 0
+        for i in self.staged:
+            for p, length in enumerate(slots[i].pieces):
+                pos = 0
+                while pos < length:
+                    take = min(length - pos, STAGE_NUMEL - size)
+                    items.append((i, p, pos, pos + take))
+                    pos += take
+                    size += take
+                    if size == STAGE_NUMEL:
+                        blocks.append((begin, size, items))
+                        items, begin, size = [], begin + size, 0
+        if size:
+            blocks.append((begin, size, items))
+        return blocks
+
+
+class Shards:
+    """This rank's part of the average: one flat buffer per dtype, exposed as views.
+
+    Args:
+        slots: the averaged tensors with this rank's region of each; empty regions are
+            kept as zero-size views so indices match the model's tensors.
+        device: where the buffers live.
+        pin: allocate the buffers in pinned host memory (for a CPU average of
+            accelerator parameters: asynchronous device-to-host copies need it).
+    """
+
+    def __init__(self, slots: Sequence[Slot], device: torch.device, pin: bool = False) -> None:
+        self.slots = list(slots)
+        self.device = device
+        self.groups: dict[torch.dtype, _Group] = {}
+        for i, s in enumerate(self.slots):
+            g = self.groups.setdefault(s.dtype, _Group(s.dtype, device, pin))
+            if s.numel == 0:
+                continue
+            (g.direct if s.direct else g.staged if s.averaged else g.follow).append(i)
+        for g in self.groups.values():
+            g.layout(self.slots)
+        self.views: list[torch.Tensor] = []
+        for i, s in enumerate(self.slots):
+            g = self.groups[s.dtype]
+            off = g.offsets.get(i, 0)
+            self.views.append(g.flat[off : off + s.numel])
+        self._resolved: tuple[object, dict] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of averaged state held on this rank (staging excluded)."""
+        return sum(g.flat.numel() * g.flat.element_size() for g in self.groups.values())
+
+    def view(self, i: int) -> torch.Tensor:
+        """Slot ``i``'s region shaped as the tensor (whole) or as its rows (a chunk)."""
+        s = self.slots[i]
+        total = s.shape.numel()
+        if s.start == 0 and s.end == total:
+            return self.views[i].view(s.shape)
+        rows = rows_shape(s.shape)
+        return self.views[i].view(-1, *rows[1:]) if total else self.views[i].view(rows)
+
+    # -- updates --------------------------------------------------------------------
+    # `sources[i]` is the list of 1-D source pieces that fill slot i's region in order.
+
+    def _plan(self, sources: Sequence[Sequence[torch.Tensor]]) -> dict:
+        """Per-group source lists, cached while the caller passes the same `sources`."""
+        if self._resolved is not None and self._resolved[0] is sources:
+            return self._resolved[1]
+        plan = {}
+        for dtype, g in self.groups.items():
+            blocks = []
+            for begin, n, items in g.blocks:
+                srcs = []
+                for i, p, a, b in items:
+                    piece = sources[i][p]
+                    srcs.append(piece if (a == 0 and b == piece.numel()) else piece[a:b])
+                blocks.append((g.flat[begin : begin + n], srcs))
+            plan[dtype] = (
+                [self.views[i] for i in g.direct],
+                [sources[i][0] for i in g.direct],
+                blocks,
+                g.flat[g.follow_start :],
+                [p for i in g.follow for p in sources[i]],
+            )
+        self._resolved = (sources, plan)
+        return plan
+
+    def copy_all(self, sources: Sequence[Sequence[torch.Tensor]]) -> None:
+        """avg <- src for every slot (the first update)."""
+        for dtype, (dviews, dsrcs, blocks, fview, fsrcs) in self._plan(sources).items():
+            if dviews:
+                torch._foreach_copy_(dviews, dsrcs)
+            for view, srcs in blocks:
+                torch.cat(srcs, out=view)  # cat casts into the average's dtype
+            if fsrcs:
+                torch.cat(fsrcs, out=fview)
+
+    def lerp(self, sources: Sequence[Sequence[torch.Tensor]], weight: float) -> None:
+        """avg <- avg + weight * (src - avg) for averaged slots; follow slots are copied."""
+        for dtype, (dviews, dsrcs, blocks, fview, fsrcs) in self._plan(sources).items():
+            if dviews:
+                torch._foreach_lerp_(dviews, dsrcs, weight)
+            stage = self.groups[dtype].stage
+            for view, srcs in blocks:
+                staged = stage[: view.numel()]
+                torch.cat(srcs, out=staged)
+                view.lerp_(staged, weight)
+            if fsrcs:
+                torch.cat(fsrcs, out=fview)
+
+    def follow(self, sources: Sequence[Sequence[torch.Tensor]]) -> None:
+        """Copy only the follow slots (calls that do not average)."""
+        for _, (_, _, _, fview, fsrcs) in self._plan(sources).items():
+            if fsrcs:
+                torch.cat(fsrcs, out=fview)
+
