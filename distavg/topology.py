@@ -154,9 +154,25 @@ class Topology:
                     f"model tensor {spec.key!r} is not contiguous (stride {local.stride()}); "
                     f"distavg needs contiguous parameters and buffers"
                 )
-            flat.append(local.view(-1))
+            if spec.sharded and not isinstance(t, DTensor):
+                # FSDP2 leaves some groups unsharded after a forward without backward (the
+                # root by default): the registered tensor is then the whole current value.
+                a, b = chunk_bounds(spec.shape, self.world, self.rank)
+                flat.append(local.view(-1)[a:b])
+            else:
+                flat.append(local.view(-1))
         self._cache = (key, flat)
         return flat
+
+    def reshard(self, model: nn.Module) -> None:
+        """Bring FSDP2 parameters back to their sharded form (a no-op elsewhere)."""
+        if self.kind != "fsdp2":
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in unwrap(model).modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
 
     def _mismatch(self, module: nn.Module) -> None:
         specs, _ = _specs(module)

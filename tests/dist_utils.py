@@ -18,7 +18,8 @@ def _worker(rank: int, world: int, store_path: str, fn: Callable, args: tuple, e
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
-        dist.barrier()
+        if dist.is_initialized():
+            dist.barrier()
     except BaseException:
         Path(err_dir, f"rank{rank}.err").write_text(traceback.format_exc())
         raise

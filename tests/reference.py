@@ -1,0 +1,78 @@
+"""Plain per-tensor references the library is tested against, and small test models."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def small_model(seed: int = 0) -> nn.Module:
+    """Linear + BatchNorm (float and int64 buffers) + Linear."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Linear(10, 2))  # 2 rows: empty chunks at W=3
+
+
+class ReferenceAverage:
+    """The seed's numerics as a plain loop over ``state_dict()`` tensors.
+
+    Call 0 copies everything; every ``interval``-th call lerps averaged tensors (float
+    params, and float buffers with ``update_buffers``) with ``weight(steps)``; tensors that
+    are not averaged (buffers without ``update_buffers``, integer tensors) are copied on
+    every call.
+    """
+
+    def __init__(self, model: nn.Module, weight: Callable[[int], float], interval: int = 1,
+                 update_buffers: bool = False) -> None:
+        self.avg = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.params = {k for k, _ in model.named_parameters()}
+        self.weight, self.interval, self.update_buffers = weight, interval, update_buffers
+        self.steps = 0
+
+    def update(self, model: nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            averaged = v.is_floating_point() and (k in self.params or self.update_buffers)
+            if self.steps == 0 or not averaged:
+                self.avg[k].copy_(v)
+            elif self.steps % self.interval == 0:
+                self.avg[k].lerp_(v.to(self.avg[k].dtype), self.weight(self.steps))
+        self.steps += 1
+
+
+def perturb(model: nn.Module, step: int, full_shapes: dict[str, torch.Size] | None = None) -> None:
+    """A deterministic stand-in for an optimizer step: add seeded noise to every parameter.
+
+    Works on plain, DDP and FSDP2 models alike: the noise is drawn for the whole tensor and
+    each rank adds its own chunk of it.
+    """
+    from torch.distributed.tensor import DTensor
+
+    from distavg.shards import chunk_bounds
+
+    gen = torch.Generator().manual_seed(1000 + step)
+    module = getattr(model, "module", model)
+    with torch.no_grad():
+        for _, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * 0.1
+            if isinstance(p, DTensor):
+                mesh = p.device_mesh
+                a, b = chunk_bounds(p.shape, mesh.size(), mesh.get_local_rank())
+                local = p.to_local()
+                local.view(-1).add_(noise.view(-1)[a:b].to(local.dtype))
+            else:
+                p.add_(noise.to(p.dtype))
+
+
+def train_forward(model: nn.Module, step: int) -> None:
+    """A forward pass in train mode (updates BatchNorm statistics), same input on every rank."""
+    gen = torch.Generator().manual_seed(2000 + step)
+    x = torch.randn(8, 6, generator=gen)
+    model.train()
+    with torch.no_grad():
+        model(x)
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():  # as after a backward: FSDP2 parameters sharded again
+        if isinstance(m, FSDPModule):
+            m.reshard()
