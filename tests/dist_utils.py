@@ -12,7 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _worker(rank: int, world: int, store_path: str, fn: Callable, args: tuple, err_dir: str) -> None:
+def _worker(
+    rank: int, world: int, store_path: str, fn: Callable, args: tuple, err_dir: str
+) -> None:
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)

@@ -11,7 +11,9 @@ from torch import nn
 def small_model(seed: int = 0) -> nn.Module:
     """Linear + BatchNorm (float and int64 buffers) + Linear."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Linear(10, 2))  # 2 rows: empty chunks at W=3
+    return nn.Sequential(
+        nn.Linear(6, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Linear(10, 2)
+    )  # 2 rows: empty chunks at W=3
 
 
 class ReferenceAverage:
@@ -23,8 +25,13 @@ class ReferenceAverage:
     every call.
     """
 
-    def __init__(self, model: nn.Module, weight: Callable[[int], float], interval: int = 1,
-                 update_buffers: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        weight: Callable[[int], float],
+        interval: int = 1,
+        update_buffers: bool = False,
+    ) -> None:
         self.avg = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.params = {k for k, _ in model.named_parameters()}
         self.weight, self.interval, self.update_buffers = weight, interval, update_buffers

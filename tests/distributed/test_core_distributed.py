@@ -37,8 +37,13 @@ CASES = [
     # (rule class, kwargs, interval, update_buffers, reference weight)
     (distavg.ExponentialMovingAverage, {"momentum": 0.2}, 1, False, lambda s: 0.2),
     (distavg.StochasticWeightAverage, {}, 3, True, lambda s: 1 / (s // 3 + 1)),
-    (distavg.MomentumAnnealingEMA, {"momentum": 0.1, "gamma": 3}, 1, True,
-     lambda s: max(0.1, 3 / (3 + s))),
+    (
+        distavg.MomentumAnnealingEMA,
+        {"momentum": 0.1, "gamma": 3},
+        1,
+        True,
+        lambda s: max(0.1, 3 / (3 + s)),
+    ),
 ]
 
 
@@ -48,8 +53,13 @@ def _core_body(rank: int, world: int) -> None:
         for placement in ("sharded", "owner"):
             for cls, kw, interval, update_buffers, weight in CASES:
                 model = _wrap(kind, small_model(), world)
-                avg = cls(model, interval=interval, update_buffers=update_buffers,
-                          placement=placement, **kw)
+                avg = cls(
+                    model,
+                    interval=interval,
+                    update_buffers=update_buffers,
+                    placement=placement,
+                    **kw,
+                )
                 reference_model = small_model()
                 ref = ReferenceAverage(reference_model, weight, interval, update_buffers)
                 for step in range(7):
@@ -63,7 +73,9 @@ def _core_body(rank: int, world: int) -> None:
                 if rank == 0:
                     assert full.keys() == ref.avg.keys(), case
                     for k, v in ref.avg.items():
-                        torch.testing.assert_close(full[k], v, rtol=1e-6, atol=1e-6, msg=f"{case} {k}")
+                        torch.testing.assert_close(
+                            full[k], v, rtol=1e-6, atol=1e-6, msg=f"{case} {k}"
+                        )
                 else:
                     assert full == {}, case
                 # memory: a chunk per rank (sharded), all or nothing (owner)
@@ -79,7 +91,9 @@ def _core_body(rank: int, world: int) -> None:
                     inside = _full_live_state(kind, model)
                     if rank == 0:
                         for k, v in ref.avg.items():
-                            torch.testing.assert_close(inside[k], v, rtol=1e-6, atol=1e-6, msg=f"swap {case} {k}")
+                            torch.testing.assert_close(
+                                inside[k], v, rtol=1e-6, atol=1e-6, msg=f"swap {case} {k}"
+                            )
                 after = _full_live_state(kind, model)
                 for k in own:
                     assert torch.equal(own[k], after[k]), f"restore {case} {k}"
@@ -95,7 +109,7 @@ def _core_body(rank: int, world: int) -> None:
                 # forward / module only where the whole average lives
                 if placement == "sharded" or kind == "fsdp2" or rank != 0:
                     try:
-                        avg.module
+                        _ = avg.module
                         raise AssertionError("module should be unavailable")
                     except RuntimeError as e:
                         assert "holds no whole averaged module" in str(e)

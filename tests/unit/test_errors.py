@@ -28,9 +28,15 @@ def _assert_same(a, b):
         ({"momentum": 0.0}, r"momentum must be in \(0, 1\), got 0.0"),
         ({"interval": 0}, r"interval must be an integer >= 1, got 0"),
         ({"interval": 1.5}, r"interval must be an integer >= 1, got 1.5"),
-        ({"placement": "everywhere"}, r"placement must be one of \('sharded', 'owner'\), got 'everywhere'"),
+        (
+            {"placement": "everywhere"},
+            r"placement must be one of \('sharded', 'owner'\), got 'everywhere'",
+        ),
         ({"owner_rank": 3}, r"owner_rank must be a rank in \[0, 1\), got 3"),
-        ({"dtype": torch.int32}, r"dtype must be a floating-point torch.dtype or None, got torch.int32"),
+        (
+            {"dtype": torch.int32},
+            r"dtype must be a floating-point torch.dtype or None, got torch.int32",
+        ),
     ],
 )
 def test_ema_constructor_errors(kwargs, message):
@@ -44,16 +50,32 @@ def test_ema_constructor_errors(kwargs, message):
         (distavg.MomentumAnnealingEMA, {"gamma": 0}, r"gamma must be > 0, got 0"),
         (distavg.MomentumAnnealingEMA, {"gamma": -5}, r"gamma must be > 0, got -5"),
         (distavg.WarmupEMA, {"decay": 1.0}, r"decay must be in \(0, 1\), got 1.0"),
-        (distavg.WarmupEMA, {"min_decay": 0.99999}, r"min_decay must be in \[0, decay=0.9999\], got 0.99999"),
+        (
+            distavg.WarmupEMA,
+            {"min_decay": 0.99999},
+            r"min_decay must be in \[0, decay=0.9999\], got 0.99999",
+        ),
         (distavg.WarmupEMA, {"inv_gamma": 0}, r"inv_gamma must be > 0, got 0"),
         (distavg.WarmupEMA, {"power": -1}, r"power must be > 0, got -1"),
-        (distavg.PowerEMA, {}, r"pass exactly one of sigma_rel and gamma, got sigma_rel=None, gamma=None"),
-        (distavg.PowerEMA, {"sigma_rel": 0.1, "gamma": 7}, r"pass exactly one of sigma_rel and gamma"),
+        (
+            distavg.PowerEMA,
+            {},
+            r"pass exactly one of sigma_rel and gamma, got sigma_rel=None, gamma=None",
+        ),
+        (
+            distavg.PowerEMA,
+            {"sigma_rel": 0.1, "gamma": 7},
+            r"pass exactly one of sigma_rel and gamma",
+        ),
         (distavg.PowerEMA, {"sigma_rel": 0.3}, r"sigma_rel must be in \(0, 0.2887\), got 0.3"),
         (distavg.PowerEMA, {"gamma": 0}, r"gamma must be > 0, got 0"),
         (distavg.HalfLifeEMA, {"half_life": 0}, r"half_life must be > 0, got 0"),
         (distavg.HalfLifeEMA, {"rampup": -0.1}, r"rampup must be > 0, got -0.1"),
-        (distavg.StochasticWeightAverage, {"interval": -2}, r"interval must be an integer >= 1, got -2"),
+        (
+            distavg.StochasticWeightAverage,
+            {"interval": -2},
+            r"interval must be an integer >= 1, got -2",
+        ),
     ],
 )
 def test_rule_constructor_errors(cls, kwargs, message):
@@ -62,7 +84,9 @@ def test_rule_constructor_errors(cls, kwargs, message):
 
 
 def test_momentum_above_half_warns():
-    with pytest.warns(UserWarning, match=r"momentum=0.9 is the weight of the new value .* momentum=0.1\?"):
+    with pytest.warns(
+        UserWarning, match=r"momentum=0.9 is the weight of the new value .* momentum=0.1\?"
+    ):
         distavg.ExponentialMovingAverage(small_model(), momentum=0.9)
 
 
@@ -96,7 +120,9 @@ def test_model_moved_to_another_device_is_rejected():
     avg.update_parameters(model)
     before = _snapshot(avg)
     model.to("meta")
-    with pytest.raises(ValueError, match=r"is on meta, but the average was built for a model on cpu"):
+    with pytest.raises(
+        ValueError, match=r"is on meta, but the average was built for a model on cpu"
+    ):
         avg.update_parameters(model)
     _assert_same(before, _snapshot(avg))
 

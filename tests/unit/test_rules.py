@@ -30,7 +30,9 @@ def _reference_weight(name: str, kw: dict, interval: int):
     if name == "anneal":
         return lambda s: max(kw["momentum"], kw["gamma"] / (kw["gamma"] + s))
     if name == "warmup":
-        return lambda s: 1 - min(max(1 - (1 + s / kw["inv_gamma"]) ** -kw["power"], 0.0), kw["decay"])
+        return lambda s: (
+            1 - min(max(1 - (1 + s / kw["inv_gamma"]) ** -kw["power"], 0.0), kw["decay"])
+        )
     if name == "power":
         g = distavg.sigma_rel_to_gamma(kw["sigma_rel"])
         return lambda s: 1 - (1 - interval / (s + 1)) ** (g + 1)
@@ -198,7 +200,9 @@ def test_low_precision_average_warns_once():
     model = small_model().to(torch.bfloat16)
     avg = distavg.ExponentialMovingAverage(model, momentum=0.0002)
     avg.update_parameters(model)
-    with pytest.warns(UserWarning, match=r"torch.bfloat16 with weight 0.0002, below its resolution"):
+    with pytest.warns(
+        UserWarning, match=r"torch.bfloat16 with weight 0.0002, below its resolution"
+    ):
         avg.update_parameters(model)
     import warnings
 
