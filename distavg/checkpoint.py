@@ -205,8 +205,11 @@ def full_state_dict(avg: BaseAveragedModel) -> dict[str, torch.Tensor]:
     topo, shards = avg.topology, avg.shards
     if _sharded(avg):
         comm = ChunkComm(
-            [s.shape for s in shards.slots], [s.dtype for s in shards.slots],
-            topo.world, topo.rank, avg.device,
+            [s.shape for s in shards.slots],
+            [s.dtype for s in shards.slots],
+            topo.world,
+            topo.rank,
+            avg.device,
         )
         pieces = comm.gather(shards.views, avg.owner_rank)
         if pieces is None:

@@ -1,0 +1,302 @@
+"""One process: the DCP Stateful form, staged loads that reject bad checkpoints untouched,
+exact resume for every rule, and export to a plain model."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from reference import perturb, small_model, train_forward
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+
+import distavg
+from distavg.export import export_average, export_checkpoint, read_checkpoint, save_file
+
+# dcp without a process group warns that it assumes one process: that is the point here.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+RULES = [
+    (distavg.ExponentialMovingAverage, {"momentum": 0.3, "interval": 2}),
+    (distavg.StochasticWeightAverage, {"interval": 2}),
+    (distavg.MomentumAnnealingEMA, {"momentum": 0.05, "gamma": 4}),
+    (distavg.WarmupEMA, {"decay": 0.99, "power": 0.75}),
+    (distavg.PowerEMA, {"sigma_rel": 0.1}),
+    (distavg.HalfLifeEMA, {"half_life": 3.0, "rampup": 0.5}),
+]
+
+
+def _trained(cls=distavg.ExponentialMovingAverage, steps=4, seed=0, **kw):
+    model = small_model(seed)
+    avg = cls(model, **({"momentum": 0.3} if cls is distavg.ExponentialMovingAverage else {}), **kw)
+    for s in range(steps):
+        perturb(model, s)
+        train_forward(model, s)
+        avg.update_parameters(model)
+    return model, avg
+
+
+def _values(avg) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in avg.full_state_dict().items()}
+
+
+def _assert_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_state_dict_form_holds_steps_rule_keys_and_a_snapshot():
+    _, avg = _trained(steps=3)
+    sd = avg.state_dict()
+    assert set(sd) == {"steps", "rule", "keys", "average"}
+    assert sd["steps"] == 3
+    assert json.loads(sd["rule"]) == {
+        "name": "ExponentialMovingAverage",
+        "interval": 1,
+        "momentum": 0.3,
+    }
+    assert list(json.loads(sd["keys"])) == list(small_model().state_dict())
+    before = _values(avg)
+    for t in sd["average"].values():  # the snapshot is not the live average
+        t.zero_()
+    _assert_equal(_values(avg), before)
+
+
+def test_dcp_round_trip_restores_values_and_steps(tmp_path):
+    model, avg = _trained(steps=5)
+    dcp.save({"ema": avg}, checkpoint_id=tmp_path)
+    fresh = distavg.ExponentialMovingAverage(small_model(seed=1), momentum=0.3)
+    dcp.load({"ema": fresh}, checkpoint_id=tmp_path)
+    assert fresh.steps == 5
+    _assert_equal(_values(fresh), _values(avg))
+    x = torch.randn(4, 6)
+    assert torch.equal(fresh.module.eval()(x), avg.module.eval()(x))
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        (
+            lambda m: distavg.ExponentialMovingAverage(m, momentum=0.2),
+            r"checkpoint holds a \{'name': 'ExponentialMovingAverage', 'interval': 1, "
+            r"'momentum': 0.3\} average, but this averager is .*'momentum': 0.2",
+        ),
+        (
+            lambda m: distavg.StochasticWeightAverage(m),
+            r"checkpoint holds a .*ExponentialMovingAverage.* but this averager is "
+            r"\{'name': 'StochasticWeightAverage', 'interval': 1\}",
+        ),
+        (
+            lambda m: distavg.ExponentialMovingAverage(m, momentum=0.3, interval=2),
+            r"but this averager is .*'interval': 2",
+        ),
+    ],
+)
+def test_load_of_another_rule_is_an_error_that_leaves_the_average_untouched(
+    tmp_path, other, message
+):
+    _, avg = _trained(steps=4)
+    dcp.save({"ema": avg}, checkpoint_id=tmp_path)
+    target = other(small_model(seed=1))
+    target.update_parameters(small_model(seed=2))
+    before = _values(target)
+    with pytest.raises(ValueError, match=message):
+        dcp.load({"ema": target}, checkpoint_id=tmp_path)
+    _assert_equal(_values(target), before)
+    assert target.steps == 1
+
+
+def _other_shape_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 11), nn.BatchNorm1d(11), nn.ReLU(), nn.Linear(11, 2))
+
+
+def _smaller_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10))
+
+
+@pytest.mark.parametrize(
+    "build, exc, message",
+    [
+        (
+            _other_shape_model,
+            CheckpointException,  # raised by dcp's planner, before any data is read
+            r"Size mismatch between saved torch.Size\(\[10, 6\]\) and current: "
+            r"torch.Size\(\[11, 6\]\) for ema.average.0.weight",
+        ),
+        (
+            _smaller_model,
+            ValueError,
+            r"checkpoint average is of another model: it has tensors \['3.bias', "
+            r"'3.weight'\] that this model lacks and lacks \[\]",
+        ),
+    ],
+)
+def test_load_into_another_model_is_an_error_that_leaves_the_average_untouched(
+    tmp_path, build, exc, message
+):
+    _, avg = _trained(steps=2)
+    dcp.save({"ema": avg}, checkpoint_id=tmp_path)
+    target = distavg.ExponentialMovingAverage(build(), momentum=0.3)
+    before = _values(target)
+    with pytest.raises(exc, match=message):
+        dcp.load({"ema": target}, checkpoint_id=tmp_path)
+    _assert_equal(_values(target), before)
+    assert target.steps == 0
+
+
+def test_load_of_a_checkpoint_lacking_a_tensor_names_it(tmp_path):
+    _, avg = _trained(steps=2)
+    dcp.save({"ema": avg}, checkpoint_id=tmp_path)
+    torch.manual_seed(0)
+    bigger = nn.Sequential(*small_model(), nn.Linear(2, 3))
+    with pytest.raises(
+        CheckpointException, match=r"Missing key in checkpoint state_dict: ema.average.4"
+    ):
+        target = distavg.ExponentialMovingAverage(bigger, momentum=0.3)
+        dcp.load({"ema": target}, checkpoint_id=tmp_path)
+
+
+def test_corrupt_shard_file_is_an_error_that_leaves_the_average_untouched(tmp_path):
+    _, avg = _trained(steps=3)
+    dcp.save({"ema": avg}, checkpoint_id=tmp_path)
+    (shard,) = tmp_path.glob("*.distcp")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    target = distavg.ExponentialMovingAverage(small_model(seed=1), momentum=0.3)
+    before = _values(target)
+    with pytest.raises(CheckpointException):
+        dcp.load({"ema": target}, checkpoint_id=tmp_path)
+    _assert_equal(_values(target), before)
+    with pytest.raises(ValueError, match=r"could not read the average under key='ema' from"):
+        read_checkpoint(tmp_path)
+
+
+def test_direct_load_state_dict_errors_name_the_problem():
+    _, avg = _trained(steps=2)
+    sd = avg.state_dict()
+    with pytest.raises(ValueError, match=r"state_dict has no \['keys'\] entries; got keys"):
+        avg.load_state_dict({k: v for k, v in sd.items() if k != "keys"})
+    with pytest.raises(ValueError, match=r"state_dict 'steps' must be an integer >= 0, got -1"):
+        avg.load_state_dict({**sd, "steps": -1})
+    with pytest.raises(ValueError, match=r"state_dict 'rule' must be the JSON text"):
+        avg.load_state_dict({**sd, "rule": {"name": "ExponentialMovingAverage"}})
+    bad = dict(sd["average"], **{"0.weight": torch.zeros(3, 6)})
+    with pytest.raises(ValueError, match=r"checkpoint tensor '0.weight' has shape \(3, 6\), "):
+        avg.load_state_dict({**sd, "average": bad})
+    missing = {k: v for k, v in sd["average"].items() if k != "0.bias"}
+    with pytest.raises(ValueError, match=r"checkpoint average has no tensor '0.bias'"):
+        avg.load_state_dict({**sd, "average": missing})
+
+
+def test_torch_save_of_state_dict_round_trips(tmp_path):
+    _, avg = _trained(steps=3)
+    torch.save(avg.state_dict(), tmp_path / "avg.pt")
+    fresh = distavg.ExponentialMovingAverage(small_model(seed=1), momentum=0.3)
+    fresh.load_state_dict(torch.load(tmp_path / "avg.pt"))
+    _assert_equal(_values(fresh), _values(avg))
+    assert fresh.steps == 3
+
+
+@pytest.mark.parametrize("cls, kw", RULES, ids=[c.__name__ for c, _ in RULES])
+def test_interrupted_and_resumed_equals_uninterrupted_bitwise(tmp_path, cls, kw):
+    def run(steps, start=0, model=None, avg=None):
+        model = model or small_model()
+        avg = avg or cls(model, **kw)
+        for s in range(start, start + steps):
+            perturb(model, s)
+            train_forward(model, s)
+            avg.update_parameters(model)
+        return model, avg
+
+    _, whole = run(7)
+    model, part = run(3)
+    dcp.save({"model": model.state_dict(), "ema": part}, checkpoint_id=tmp_path)
+    model = small_model(seed=5)
+    resumed = cls(model, **kw)
+    state = {"model": model.state_dict(), "ema": resumed}
+    dcp.load(state, checkpoint_id=tmp_path)
+    model.load_state_dict(state["model"])
+    run(4, start=3, model=model, avg=resumed)
+    assert resumed.steps == whole.steps == 7
+    _assert_equal(_values(resumed), _values(whole))
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(9, 4)
+        self.norm = nn.BatchNorm1d(4)
+        self.head = nn.Linear(4, 9, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.emb(idx)))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_export_loads_into_a_fresh_plain_model_with_the_same_outputs(tmp_path, suffix):
+    model = Tied()
+    avg = distavg.ExponentialMovingAverage(model, momentum=0.25)
+    for s in range(4):
+        perturb(model, s)
+        model.train()
+        model(torch.arange(9))
+        avg.update_parameters(model)
+    idx = torch.tensor([1, 4, 8])
+    expected = avg.module.eval()(idx)
+
+    out = export_average(avg, tmp_path / f"avg{suffix}")
+    dcp.save({"ema": avg}, checkpoint_id=tmp_path / "ckpt")
+    offline = export_checkpoint(tmp_path / "ckpt", tmp_path / f"offline{suffix}")
+    for path in (out, offline):
+        if suffix == ".pt":
+            state = torch.load(path)
+        else:
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        fresh = Tied()
+        fresh.load_state_dict(state)  # strict: every key, tied ones included
+        assert torch.equal(fresh.eval()(idx), expected)
+
+
+def test_read_checkpoint_errors_name_the_problem(tmp_path):
+    _, avg = _trained(steps=1)
+    dcp.save({"slow": avg, "fast": avg}, checkpoint_id=tmp_path / "ckpt")
+    with pytest.raises(
+        ValueError,
+        match=r"holds no average under key='ema'; averages are "
+        r"saved under \['fast', 'slow'\]",
+    ):
+        read_checkpoint(tmp_path / "ckpt")
+    assert set(read_checkpoint(tmp_path / "ckpt", key="fast")) == set(small_model().state_dict())
+    with pytest.raises(ValueError, match=r"ckpt_dir must be a checkpoint directory, got"):
+        read_checkpoint(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"is not a readable torch.distributed.checkpoint"):
+        read_checkpoint(tmp_path / "empty")
+
+
+def test_export_format_errors(tmp_path, monkeypatch):
+    state = {"w": torch.ones(2)}
+    with pytest.raises(
+        ValueError,
+        match=r"format must be one of \('safetensors', 'torch'\) "
+        r"or None, got 'onnx'",
+    ):
+        save_file(state, tmp_path / "x", format="onnx")
+    from safetensors.torch import load_file
+
+    save_file(state, tmp_path / "x.bin", format="safetensors")  # the explicit format wins
+    assert torch.equal(load_file(tmp_path / "x.bin")["w"], state["w"])
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(ImportError, match=r"pip install 'distavg\[safetensors\]'"):
+        save_file(state, tmp_path / "y.safetensors")
+    assert not (tmp_path / "y.safetensors").exists()
