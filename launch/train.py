@@ -18,11 +18,13 @@ Read ``main()`` first: parse the config, build, (resume,) train, report, close.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import inspect
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +72,7 @@ RULE_PARAMS = (
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py",
         description="Train an MLP on the digits data with a running average of its weights.",
@@ -151,6 +153,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="metrics.json, heldout.png and average.pt go here",
     )
 
+    return p
+
+
+def parse_args(
+    argv: list[str] | None = None, p: argparse.ArgumentParser | None = None
+) -> argparse.Namespace:
+    """The config; a bad flag exits with argparse's usage error (status 2)."""
+    p = p or parser()
     args = p.parse_args(argv)
     _check_args(p, args)
     return args
@@ -247,15 +257,19 @@ def load_data(args: argparse.Namespace, device: torch.device) -> Data:
     return Data(t(x[train]), t(y_train), t(x[test]), t(y[test]))
 
 
-def build_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
+def mlp(args: argparse.Namespace) -> nn.Sequential:
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = nn.Sequential(
+    return nn.Sequential(
         nn.Linear(64, args.hidden),
         nn.ReLU(),
         nn.Linear(args.hidden, args.hidden),
         nn.ReLU(),
         nn.Linear(args.hidden, 10),
-    ).to(device)
+    )
+
+
+def build_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
+    model = mlp(args).to(device)
     if args.parallel == "ddp":
         return nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
@@ -379,10 +393,10 @@ class Clock:
         self.train = self.average = 0.0
         self.steps = 0
         self._fence_start = 0.0
-        optimizer.register_step_pre_hook(self._before_fence)
+        _inner(optimizer).register_step_pre_hook(self._before_fence)
 
     def after_averager_built(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.register_step_pre_hook(self._after_fence)
+        _inner(optimizer).register_step_pre_hook(self._after_fence)
 
     def _before_fence(self, *_: Any) -> None:
         self._fence_start = time.perf_counter()
@@ -393,6 +407,11 @@ class Clock:
     def per_step_ms(self) -> tuple[float, float]:
         n = max(self.steps, 1)
         return 1e3 * self.train / n, 1e3 * self.average / n
+
+
+def _inner(optimizer: Any) -> torch.optim.Optimizer:
+    # accelerate's AcceleratedOptimizer wraps the torch optimizer, whose step() it calls.
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def total_steps(args: argparse.Namespace, n_train: int) -> int:
@@ -407,8 +426,15 @@ def train(
     ema: distavg.BaseAveragedModel,
     progress: Progress,
     clock: Clock,
+    *,
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    save: Callable[[], None] | None = None,
 ) -> None:
+    """The loop. ``backward`` and ``save`` let the accelerate variant put its own in."""
     from tqdm import tqdm
+
+    if save is None:
+        save = functools.partial(save_checkpoint, args.checkpoint_dir, progress, ema)
 
     rank, n = dist.get_rank(), len(data.y_train)
     steps = total_steps(args, n)
@@ -432,7 +458,7 @@ def train(
         idx = batch_indices(step, n, args)
         loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        backward(loss)
         optimizer.step()  # with --async: first waits for the previous update (the fence)
         t1 = time.perf_counter()
         ema.update_parameters(model)  # every rank pushes its shards into the average
@@ -460,7 +486,7 @@ def train(
         if args.checkpoint_every and (
             progress.step % args.checkpoint_every == 0 or progress.step == steps
         ):
-            save_checkpoint(args.checkpoint_dir, progress, ema)
+            save()
         bar.update(1)
     bar.close()
 

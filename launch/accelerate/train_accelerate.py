@@ -1,0 +1,109 @@
+"""The reference job (``launch/train.py``) under Hugging Face accelerate.
+
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 \\
+        launch/accelerate/train_accelerate.py
+    accelerate launch --config_file launch/accelerate/gpu_ddp.yaml launch/accelerate/train_accelerate.py
+    accelerate launch --config_file launch/accelerate/fsdp2.yaml launch/accelerate/train_accelerate.py
+
+Same flags as ``train.py`` except ``--parallel``: the accelerate config picks DDP or FSDP2.
+What differs from ``train.py`` is only the plumbing accelerate owns: ``prepare`` wraps the
+model, ``accelerator.backward`` runs backward, ``save_state``/``load_state`` write and
+read checkpoints. The average joins those with two lines::
+
+    from distavg.integrations.accelerate import register_for_checkpointing
+    register_for_checkpointing(accelerator, ema)
+
+(accelerate's own ``register_for_checkpointing`` would save rank 0's shard only.)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train as job  # noqa: E402  (launch/train.py: data, model, loop and report)
+
+
+class Counter:
+    """The step and the evaluation history: identical on every rank, so accelerate's
+    rank-0 ``register_for_checkpointing`` is right for it."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "history": self.history}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.step, self.history = int(sd["step"]), list(sd["history"])
+
+
+def latest_state(root: Path) -> Path | None:
+    # The average's DCP folder is written last-but-one and only completes with .metadata.
+    found = sorted(p.parent.parent for p in root.glob("step-*/distavg/.metadata"))
+    return found[-1] if found else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    from accelerate import Accelerator
+
+    from distavg.integrations.accelerate import register_for_checkpointing
+
+    p = job.parser()
+    p.prog = "train_accelerate.py"
+    p.set_defaults(parallel=None)
+    args = job.parse_args(argv, p)
+    if args.parallel is not None:
+        p.error("--parallel is not used here: the accelerate config picks DDP or FSDP2")
+
+    # 1. accelerate sets up the processes; one process still gets a group of one
+    accelerator = Accelerator()
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    args.parallel = accelerator.distributed_type.value.lower()
+
+    # 2. data, model, optimizer (prepared by accelerate), the average
+    data = job.load_data(args, accelerator.device)
+    model = job.mlp(args)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    clock = job.Clock(optimizer)
+    ema = job.build_average(args, model, optimizer)
+    clock.after_averager_built(optimizer)
+    register_for_checkpointing(accelerator, ema)  # every rank's shard, through DCP
+    progress = Counter()
+    accelerator.register_for_checkpointing(progress)
+
+    # 3. resume
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+    if args.checkpoint_dir and (args.resume or restarted):
+        found = latest_state(args.checkpoint_dir)
+        if found is not None:
+            accelerator.load_state(str(found))
+            accelerator.print(f"resumed from {found} at step {progress.step}")
+
+    def save() -> None:
+        accelerator.save_state(str(args.checkpoint_dir / f"step-{progress.step:06d}"))
+
+    # 4. train; 5. report and close
+    job.train(
+        args, data, model, optimizer, ema, progress, clock,
+        backward=accelerator.backward, save=save,
+    )  # fmt: skip
+    job.report(args, ema, progress, clock, len(data.y_test))
+    ema.wait()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys accelerate's process group
+    if dist.is_initialized():  # the group of one made above
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
