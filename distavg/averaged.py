@@ -22,7 +22,7 @@ from torch import nn
 
 from . import checkpoint
 from ._comm import ChunkComm
-from .engine import SyncEngine
+from .engine import StepWatch, Update, make_engine
 from .shards import Shards, Slot, chunk_bounds
 from .topology import Topology, unwrap
 
@@ -52,6 +52,13 @@ class BaseAveragedModel:
             :meth:`full_state_dict` returns on.
         dtype: dtype of the average for floating-point tensors (default: the tensor's
             own). Use ``torch.float32`` for bf16/fp16 models with a small weight.
+        async_update: only enqueue each update; it overlaps the next forward and backward
+            and is fenced before the optimizer's next ``step()`` (see [Note: the fence] in
+            engine.py). Results are bitwise those of synchronous updates.
+        optimizer: the optimizer that steps ``model``; required with ``async_update``. When
+            given, an update is pushed only after a real optimizer step: after a step that
+            ``torch.amp.GradScaler`` skipped, :meth:`update_parameters` does nothing and
+            does not count.
     """
 
     def __init__(
@@ -64,6 +71,8 @@ class BaseAveragedModel:
         placement: str = "sharded",
         owner_rank: int = 0,
         dtype: torch.dtype | None = None,
+        async_update: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
@@ -71,6 +80,15 @@ class BaseAveragedModel:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(
+                f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+            )
+        if async_update and optimizer is None:
+            raise ValueError(
+                "async_update=True needs optimizer=<the model's optimizer>, got optimizer=None: "
+                "the update is fenced before the optimizer's next step() by a step pre-hook"
+            )
         self.topology = topo = Topology(model)
         if isinstance(owner_rank, bool) or not isinstance(owner_rank, int) or not (
             0 <= owner_rank < topo.world
@@ -91,12 +109,26 @@ class BaseAveragedModel:
             self.device,
             pin=self.device.type == "cpu" and topo.device.type != "cpu",
         )
+        # The owner push runs on a group of its own, so that (possibly deferred) it never
+        # interleaves with the training's collectives.
+        self._group = dist.new_group() if self._gathers else None
         self._comm = ChunkComm(
-            [s.shape for s in topo.specs], [s.dtype for s in topo.specs],
-            topo.world, topo.rank, topo.device,
+            [s.shape for s in topo.specs],
+            [s.dtype for s in topo.specs],
+            topo.world,
+            topo.rank,
+            topo.device,
+            group=self._group,
         )
         self._sources_cache: tuple[object, list] | None = None
-        self.engine = SyncEngine()
+        self.async_update = bool(async_update)
+        self.engine = make_engine(
+            self.shards,
+            topo.device,
+            async_update=self.async_update,
+            volatile=[i for i, s in enumerate(topo.specs) if not s.is_param],
+        )
+        self._watch = None if optimizer is None else StepWatch(optimizer, self.engine)
         self._module = self._build_module(model)
 
     # -- construction ---------------------------------------------------------------
@@ -164,30 +196,36 @@ class BaseAveragedModel:
     # -- updating -------------------------------------------------------------------
 
     def update_parameters(self, model: nn.Module) -> None:
-        """Push this rank's source data into the average (see the class docstring)."""
+        """Push this rank's source data into the average (see the class docstring).
+
+        With an optimizer, nothing happens unless it stepped since the last call. With
+        ``async_update`` the update is only enqueued; an error it raised surfaces here or
+        at the next fence.
+        """
         self._check_group()
-        sources = self._sources(model)
+        if self._watch is not None and not self._watch.take():
+            return
+        flat = self.engine.capture(self.topology.locals(model))
         steps = self._steps
-        if steps == 0:
-            op = self.shards.copy_all
-            args: tuple = (sources,)
-        elif steps % self.interval == 0:
+        kind, w = ("copy", 0.0) if steps == 0 else ("follow", 0.0)
+        if steps and steps % self.interval == 0:
             w = float(self.weight(steps))
             if not 0.0 <= w <= 1.0:
                 raise ValueError(
                     f"{type(self).__name__}.weight({steps}) must be in [0, 1], got {w}"
                 )
             self._check_precision(w)
-            op, args = self.shards.lerp, (sources, w)
-        else:
-            op, args = self.shards.follow, (sources,)
-        self.engine.submit(lambda: op(*args))
+            kind = "lerp"
+        self.engine.submit(Update(kind, w, lambda: self._sources(flat)))
         self._steps += 1
 
-    def _sources(self, model: nn.Module) -> list[list[torch.Tensor]]:
-        """Per slot, the 1-D source pieces that fill this rank's region."""
+    def _sources(self, flat: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Per slot, the 1-D source pieces that fill this rank's region.
+
+        ``flat`` is this rank's local data of every tensor (as captured by the engine). For
+        the owner push this gathers, on the thread or stream the engine runs the update.
+        """
         topo = self.topology
-        flat = topo.locals(model)
         if not self._gathers and self._sources_cache and self._sources_cache[0] is flat:
             return self._sources_cache[1]
         gathered = None
@@ -231,8 +269,26 @@ class BaseAveragedModel:
                     return
 
     def wait(self) -> None:
-        """Block until every submitted update is applied."""
+        """Block until every submitted update is applied; raise an error one raised."""
         self.engine.wait()
+
+    def close(self) -> None:
+        """Wait for pending updates, remove the optimizer hooks, stop the worker.
+
+        Called on destruction too. The average stays readable; it takes no more updates.
+        """
+        watch, self._watch = getattr(self, "_watch", None), None
+        if watch is not None:
+            watch.remove()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception as e:  # no way to raise from a finaliser: say it
+            logger.warning("closing %s failed: %s", type(self).__name__, e)
 
     # -- using the average ----------------------------------------------------------
 

@@ -1,18 +1,307 @@
-"""When an update runs: now (synchronous) or later (asynchronous), and the fence."""
+"""When an update runs: now, on a CPU worker thread, or on an accelerator side stream; and the fence.
+
+[Note: the fence]
+An update reads the parameters that optimizer step t left and must be done reading them
+before step t+1 writes them. Forward and backward only read parameters, so the update may
+overlap them. Every engine offers:
+  * ``fence()``: afterwards the optimizer may write the parameters. It runs in the
+    optimizer's step pre-hook. CUDA: the current stream waits on an event of the side
+    stream (device side: the host does not block). CPU: the worker thread is joined.
+  * ``wait()``: the host blocks until every update is applied; the averager calls it before
+    anything reads the average (``swapped``, ``state_dict``, ``full_state_dict``,
+    ``module``) and on ``close``.
+Buffers are different: forward mutates them (BatchNorm running statistics, DDP's buffer
+broadcast). An engine that defers the update copies them at enqueue time (``capture``) into
+memory of its own, and the update reads that copy.
+At most one update is in flight: ``capture`` and ``submit`` fence the previous one first,
+so snapshot and staging memory is reused without a race. After a real optimizer step this
+costs nothing (the pre-hook already fenced).
+An exception raised by a deferred update is kept and raised by the next ``capture``,
+``submit``, ``fence`` or ``wait``: never silently dropped.
+
+The paths (chosen in one place, :func:`make_engine`):
+
+=============  =================  ======  ====================================
+parameters     average            async   engine
+=============  =================  ======  ====================================
+accelerator    host (``"cpu"``)   either  ``OffloadEngine`` (pinned staging)
+any            beside them        no      :class:`SyncEngine`
+cpu            cpu                yes     :class:`WorkerEngine`
+accelerator    same accelerator   yes     ``StreamEngine`` (side stream)
+=============  =================  ======  ====================================
+
+The owner push (``placement="owner"`` under FSDP2) is part of an update's ``sources``: it
+gathers on the averager's own process group, on whichever thread or stream the engine runs
+the update, so it overlaps the next step too.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import queue
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .shards import Shards
+
+Sources = list[list[torch.Tensor]]
+
+KINDS = ("copy", "lerp", "follow")
 
 
-class SyncEngine:
-    """Runs each update at once; ``wait`` has nothing to wait for."""
+@dataclass(frozen=True)
+class Update:
+    """One update of the average, handed to an engine.
 
-    def submit(self, fn: Callable[[], None]) -> None:
-        fn()
+    Attributes:
+        kind: ``"copy"`` (``avg <- src``, the first update), ``"lerp"``
+            (``avg <- avg + weight * (src - avg)`` for averaged tensors, the others copied)
+            or ``"follow"`` (only the tensors that follow the source are copied).
+        weight: the lerp weight (unused by the other kinds).
+        sources: returns, per slot, the 1-D source pieces that fill this rank's region. It
+            runs where the engine runs the update (it may communicate: the owner push).
+    """
+
+    kind: str
+    weight: float
+    sources: Callable[[], Sources]
+
+    def apply(self, shards: Shards, sources: Sources) -> None:
+        if self.kind == "lerp":
+            shards.lerp(sources, self.weight)
+        elif self.kind == "copy":
+            shards.copy_all(sources)
+        else:
+            shards.follow(sources)
+
+
+class Engine:
+    """Runs the updates of one average (see [Note: the fence])."""
+
+    def __init__(self, shards: Shards) -> None:
+        self.shards = shards
+
+    def capture(self, flat: list[torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's local tensors as a deferred update may read them (see the Note)."""
+        return flat
+
+    def submit(self, update: Update) -> None:
+        raise NotImplementedError
+
+    def fence(self) -> None:
+        """Return when the optimizer may write the parameters (see the Note)."""
 
     def wait(self) -> None:
-        pass
+        """Block until every submitted update is applied."""
+        self.fence()
 
     def close(self) -> None:
-        pass
+        """Wait, then release threads and streams. The engine is unusable afterwards."""
+        self.wait()
+
+    def held_bytes(self) -> dict[str, int]:
+        """Memory the engine holds beyond the average: ``{"accelerator": .., "pinned_host": ..}``."""
+        return {"accelerator": 0, "pinned_host": 0}
+
+
+class SyncEngine(Engine):
+    """Runs each update at once, on the calling thread and the current stream."""
+
+    def submit(self, update: Update) -> None:
+        update.apply(self.shards, update.sources())
+
+
+class Snapshots:
+    """Copies of the tensors forward mutates, owned by the engine, refreshed per enqueue.
+
+    Args:
+        volatile: indices (into the topology's tensors) of the tensors forward may mutate.
+        alloc: allocates the copy of one tensor (beside it, or in pinned host memory).
+        non_blocking: copy asynchronously (device to pinned host).
+    """
+
+    def __init__(
+        self,
+        volatile: Sequence[int],
+        alloc: Callable[[torch.Tensor], torch.Tensor] = torch.empty_like,
+        non_blocking: bool = False,
+    ) -> None:
+        self.volatile = list(volatile)
+        self.alloc = alloc
+        self.non_blocking = non_blocking
+        self._key: list[torch.Tensor] | None = None
+        self.out: list[torch.Tensor] = []
+        self.dsts: list[torch.Tensor] = []
+        self.srcs: list[torch.Tensor] = []
+
+    def take(self, flat: list[torch.Tensor]) -> list[torch.Tensor]:
+        # The returned list is the same object while `flat` is: the averager caches its
+        # per-slot source views on that identity.
+        if self._key is not flat:
+            self.srcs = [flat[i] for i in self.volatile if flat[i].numel()]
+            self.dsts = [self.alloc(t) for t in self.srcs]
+            copies = {id(s): d for s, d in zip(self.srcs, self.dsts, strict=True)}
+            self.out = [copies.get(id(t), t) for t in flat]
+            self._key = flat
+        for d, s in zip(self.dsts, self.srcs, strict=True):
+            d.copy_(s, non_blocking=self.non_blocking)
+        return self.out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.dsts)
+
+
+def _raise_pending(errors: list[BaseException]) -> None:
+    if errors:
+        err = errors[0]
+        errors.clear()
+        raise RuntimeError(
+            "an asynchronous update of the average failed (the average may be partly "
+            f"updated): {type(err).__name__}: {err}"
+        ) from err
+
+
+def _serve(jobs: queue.Queue, errors: list[BaseException]) -> None:
+    # The thread holds only the queue and the error list, never the averager, so an
+    # averager that goes out of scope is collected (and its close() stops this thread).
+    while True:
+        job = jobs.get()
+        try:
+            if job is None:
+                return
+            job()
+        except BaseException as e:  # kept and raised on the caller's next call
+            errors.append(e)
+        finally:
+            del job
+            jobs.task_done()
+
+
+class Worker:
+    """One persistent thread that runs jobs in order; errors surface on ``join``."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue = queue.Queue()
+        self._errors: list[BaseException] = []
+        self._thread = threading.Thread(
+            target=_serve, args=(self._jobs, self._errors), name="distavg-update", daemon=True
+        )
+        self._thread.start()
+
+    def put(self, job: Callable[[], None]) -> None:
+        if not self._thread.is_alive():
+            raise RuntimeError("this average was closed; it takes no more updates")
+        self._jobs.put(job)
+
+    def join(self) -> None:
+        """Block until every job ran; raise the first error a job raised since the last join."""
+        self._jobs.join()
+        _raise_pending(self._errors)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+
+
+class WorkerEngine(Engine):
+    """Applies each update on a CPU worker thread; the fence joins it.
+
+    The update's kernels release the GIL, so it overlaps the next forward and backward
+    when a core is free for it (see the benchmark's overlap table).
+    """
+
+    def __init__(self, shards: Shards, volatile: Sequence[int]) -> None:
+        super().__init__(shards)
+        self._snapshots = Snapshots(volatile)
+        self._worker = Worker()
+
+    def capture(self, flat: list[torch.Tensor]) -> list[torch.Tensor]:
+        self.fence()
+        return self._snapshots.take(flat)
+
+    def submit(self, update: Update) -> None:
+        self.fence()
+        shards = self.shards
+        self._worker.put(lambda: update.apply(shards, update.sources()))
+
+    def fence(self) -> None:
+        self._worker.join()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._worker.close()
+
+    def held_bytes(self) -> dict[str, int]:
+        return {"accelerator": 0, "pinned_host": 0}
+
+
+class StepWatch:
+    """Installs the fence on an optimizer and learns of its real steps.
+
+    The step pre-hook fences (see [Note: the fence]); the post-hook records that a step
+    happened. A step that ``torch.amp.GradScaler`` skips (inf/nan gradients) never calls
+    ``optimizer.step()``, so neither hook runs and :meth:`take` reports no step.
+
+    Args:
+        optimizer: the optimizer whose steps write the parameters.
+        engine: the engine to fence; held weakly, so the hooks never keep it alive.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, engine: Engine) -> None:
+        self._engine = weakref.ref(engine)
+        self._stepped = False
+        self._handles = [
+            optimizer.register_step_pre_hook(self._pre),
+            optimizer.register_step_post_hook(self._post),
+        ]
+
+    def _pre(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        engine = self._engine()
+        if engine is not None:
+            engine.fence()
+
+    def _post(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self._stepped = True
+
+    def take(self) -> bool:
+        """Whether the optimizer stepped since the last call."""
+        stepped, self._stepped = self._stepped, False
+        return stepped
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def make_engine(
+    shards: Shards,
+    params_device: torch.device,
+    *,
+    async_update: bool,
+    volatile: Sequence[int],
+) -> Engine:
+    """The engine for an average on ``shards.device`` of parameters on ``params_device``.
+
+    See the table in this module's docstring. ``volatile`` lists the tensors forward may
+    mutate (buffers), which a deferred update must capture at enqueue time.
+    """
+    on_accelerator = params_device.type != "cpu"
+    if on_accelerator and shards.device.type == "cpu":
+        from ._device import OffloadEngine
+
+        return OffloadEngine(shards, volatile, params_device, blocking=not async_update)
+    if not async_update:
+        return SyncEngine(shards)
+    if on_accelerator:
+        from ._device import StreamEngine
+
+        return StreamEngine(shards, volatile, params_device)
+    return WorkerEngine(shards, volatile)
