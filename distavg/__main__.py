@@ -1,5 +1,6 @@
 """The ``distavg`` command (also ``python -m distavg``).
 
+Subcommands:
     distavg bench [ARGS]            the benchmark (``distavg bench --help`` for its options)
     distavg export CKPT_DIR OUT     the average in a DCP checkpoint as one model file
     distavg --version
