@@ -23,8 +23,7 @@ check with a clear message, instead of failing DCP's key matching on ``rule.mome
 tensors it returned, and only then calls ``load_state_dict`` with them. Were those
 tensors views of the live average, a checkpoint of another rule (or one whose read fails
 half-way) would already have overwritten it before any check could run. So
-``state_dict()`` returns a snapshot: one copy of this rank's flat buffers, made with one
-``clone`` per dtype. DCP fills the snapshot, ``load_state_dict`` checks the metadata,
+``state_dict()`` returns a snapshot: a copy of this rank's part of the average. DCP fills the snapshot, ``load_state_dict`` checks the metadata,
 and only then copies it into the average. The cost is a transient second copy of this
 rank's part of the average (``avg.shards.nbytes``: 1/world of the model when sharded)
 during a save or a load; the snapshot also makes ``dcp.async_save`` safe against updates
@@ -87,13 +86,14 @@ def _shaped(flat: torch.Tensor, slot: Slot) -> torch.Tensor:
 
 
 def _snapshot(shards: Shards) -> list[torch.Tensor]:
-    """A copy of every slot's region, one ``clone`` per dtype (see [Note: staged load])."""
-    flats = {dtype: g.flat.clone() for dtype, g in shards.groups.items()}
-    out = []
-    for i, slot in enumerate(shards.slots):
-        off = shards.groups[slot.dtype].offsets.get(i, 0)
-        out.append(_shaped(flats[slot.dtype][off : off + slot.numel], slot))
-    return out
+    """A copy of every slot's region (see [Note: staged load]).
+
+    One allocation per slot rather than views of one copy per dtype: ``dcp.async_save``'s
+    stager fails on a DTensor whose local tensor starts at a storage offset ("invalid
+    python storage", torch 2.13).
+    """
+    pairs = zip(shards.views, shards.slots, strict=True)
+    return [_shaped(view.clone(), slot) for view, slot in pairs]
 
 
 def state_dict(avg: BaseAveragedModel) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -96,7 +97,9 @@ def read_checkpoint(ckpt_dir: str | os.PathLike, key: str = "ema") -> dict[str, 
         if fqn.startswith(prefix) and isinstance(md, TensorStorageMetadata):
             state[fqn] = torch.empty(md.size, dtype=md.properties.dtype)
     try:
-        dcp.load(state, storage_reader=reader, no_dist=True)
+        with warnings.catch_warnings():  # one process is the intent here: no warning
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=reader, no_dist=True)
     except (Exception, CheckpointException) as e:  # the latter is a BaseException
         raise ValueError(
             f"could not read the average under key={key!r} from {str(path)!r} (a shard "

@@ -1,0 +1,233 @@
+"""DCP checkpoints on real gloo ranks: each rank writes its shards once; a save at W=2
+loads exactly at W=1 (no process group), 2 and 3, into either placement; async_save
+snapshots; interrupted-and-resumed training equals uninterrupted bitwise (DDP, FSDP2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from dist_utils import run_distributed
+from reference import perturb, small_model, train_forward
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+import distavg
+from distavg.export import export_checkpoint, read_checkpoint
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+STEPS = 5
+
+
+def _ema(model: nn.Module, placement: str) -> distavg.BaseAveragedModel:
+    return distavg.WarmupEMA(model, decay=0.9, power=0.75, interval=2, placement=placement)
+
+
+def _trained(placement: str) -> tuple[nn.Module, distavg.BaseAveragedModel]:
+    model = nn.parallel.DistributedDataParallel(small_model())
+    avg = _ema(model, placement)
+    for s in range(STEPS):
+        perturb(model, s)
+        train_forward(model, s)
+        avg.update_parameters(model)
+    return model, avg
+
+
+def _fresh(placement: str) -> distavg.BaseAveragedModel:
+    model = small_model(seed=7)
+    if dist.is_initialized():
+        model = nn.parallel.DistributedDataParallel(model)
+    return _ema(model, placement)
+
+
+def _check_full(avg: distavg.BaseAveragedModel, ref: dict, where: str) -> None:
+    """Every rank takes part in the gather; the owner compares with the reference."""
+    full = avg.full_state_dict()
+    assert avg.steps == ref["steps"], where
+    if full:
+        assert full.keys() == ref["full"].keys(), where
+        for k, v in full.items():
+            assert torch.equal(v, ref["full"][k]), f"{where}: {k}"
+
+
+def _local(avg: distavg.BaseAveragedModel) -> list[torch.Tensor]:
+    return [v.clone() for v in avg.shards.views]
+
+
+def _shard_bytes(directory: Path, rank: int) -> int:
+    return sum(p.stat().st_size for p in directory.glob(f"__{rank}_*.distcp"))
+
+
+def _save_at_two(rank: int, world: int, root: str) -> None:
+    root = Path(root)
+    # 1. save both placements; each rank writes only what it keeps
+    refs = {}
+    for placement in ("sharded", "owner"):
+        _, avg = _trained(placement)
+        dcp.save({"ema": avg}, checkpoint_id=root / placement)
+        full = avg.full_state_dict()
+        refs[placement] = {"steps": avg.steps, "full": full}
+        if rank == 0:
+            torch.save(refs[placement], root / f"{placement}.ref.pt")
+    dist.barrier()
+    # each rank writes about 1/W of a model whose bytes dwarf DCP's per-tensor framing;
+    # with the owner placement rank 1 writes no tensor data
+    big = nn.parallel.DistributedDataParallel(nn.Linear(256, 255))
+    model_bytes = sum(p.nbytes for p in big.parameters())
+    written = {}
+    for placement in ("sharded", "owner"):
+        dcp.save({"ema": _ema(big, placement)}, checkpoint_id=root / f"big-{placement}")
+        dist.barrier()
+        written[placement] = [_shard_bytes(root / f"big-{placement}", r) for r in range(world)]
+    assert all(0.45 < b / model_bytes < 0.55 for b in written["sharded"]), written
+    assert written["owner"][0] / model_bytes > 0.98, written
+    assert written["owner"][1] / model_bytes < 0.02, written
+
+    # 2. load into the other placement, both ways, exactly
+    for saved, into in (("sharded", "owner"), ("owner", "sharded")):
+        avg = _fresh(into)
+        dcp.load({"ema": avg}, checkpoint_id=root / saved)
+        _check_full(avg, refs[saved], f"{saved} -> {into}")
+
+    # 3. another rule is an error on every rank, and the average stays as it was
+    model = nn.parallel.DistributedDataParallel(small_model(seed=3))
+    other = distavg.WarmupEMA(model, decay=0.8, power=0.75, interval=2)
+    other.update_parameters(model)
+    before = _local(other)
+    with pytest.raises(ValueError, match=r"checkpoint holds a .*'decay': 0.9.* but this "):
+        dcp.load({"ema": other}, checkpoint_id=root / "sharded")
+    assert all(torch.equal(a, b) for a, b in zip(_local(other), before, strict=True))
+    assert other.steps == 1
+
+    # 4. async_save writes the average as it was when called, not as it is later
+    model, avg = _trained("sharded")
+    pending = dcp.async_save({"ema": avg}, checkpoint_id=root / "async")
+    perturb(model, 99)
+    avg.update_parameters(model)  # runs while the save may still be writing
+    (pending.result() if hasattr(pending, "result") else pending.upload_completion.result())
+    restored = _fresh("sharded")
+    dcp.load({"ema": restored}, checkpoint_id=root / "async")
+    _check_full(restored, refs["sharded"], "async_save")
+
+
+def _load_at_three(rank: int, world: int, root: str) -> None:
+    root = Path(root)
+    for saved in ("sharded", "owner"):
+        ref = torch.load(root / f"{saved}.ref.pt") if rank == 0 else {"steps": STEPS, "full": {}}
+        for into in ("sharded", "owner"):
+            avg = _fresh(into)
+            dcp.load({"ema": avg}, checkpoint_id=root / saved)
+            _check_full(avg, ref, f"{saved} at W=2 -> {into} at W=3")
+
+
+@pytest.fixture(scope="module")
+def saved_at_two(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ckpt")
+    run_distributed(_save_at_two, 2, root / "spawn", str(root))
+    return root
+
+
+def test_save_at_two_ranks_loads_into_both_placements_and_async_save_snapshots(saved_at_two):
+    assert (saved_at_two / "sharded" / ".metadata").is_file()
+
+
+def test_save_at_two_ranks_loads_exactly_at_three(saved_at_two, tmp_path):
+    run_distributed(_load_at_three, 3, tmp_path, str(saved_at_two))
+
+
+@pytest.mark.parametrize("saved", ["sharded", "owner"])
+def test_save_at_two_ranks_loads_exactly_in_one_process_and_exports(saved_at_two, saved, tmp_path):
+    ref = torch.load(saved_at_two / f"{saved}.ref.pt")
+    avg = _fresh("sharded")
+    dcp.load({"ema": avg}, checkpoint_id=saved_at_two / saved)
+    _check_full(avg, ref, f"{saved} at W=2 -> one process")
+    out = export_checkpoint(saved_at_two / saved, tmp_path / "avg.safetensors")
+    offline = read_checkpoint(saved_at_two / saved)
+    for k, v in ref["full"].items():
+        assert torch.equal(offline[k], v), k
+    from safetensors.torch import load_file
+
+    fresh = small_model(seed=9)
+    fresh.load_state_dict(load_file(out))
+    x = torch.randn(5, 6)
+    assert torch.equal(fresh.eval()(x), avg.module.eval()(x))
+
+
+# -- exact resume -------------------------------------------------------------------
+
+RULES = [
+    (distavg.ExponentialMovingAverage, {"momentum": 0.3, "interval": 2}),
+    (distavg.StochasticWeightAverage, {"interval": 2, "placement": "owner"}),
+    (distavg.MomentumAnnealingEMA, {"momentum": 0.05, "gamma": 4}),
+    (distavg.WarmupEMA, {"decay": 0.99, "power": 0.75, "update_buffers": True}),
+    (distavg.PowerEMA, {"sigma_rel": 0.1, "placement": "owner"}),
+    (distavg.HalfLifeEMA, {"half_life": 3.0, "rampup": 0.5}),
+]
+
+
+def _wrap(kind: str, model: nn.Module, world: int) -> nn.Module:
+    if kind == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _train(model, optim, avgs, start: int, stop: int) -> None:
+    model.train()
+    for s in range(start, stop):
+        # the same batch on every rank: DDP ranks' BatchNorm statistics then agree, so the
+        # one copy of them that DCP saves is every rank's
+        gen = torch.Generator().manual_seed(100 * s)
+        x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 2, generator=gen)
+        optim.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optim.step()
+        for avg in avgs:
+            avg.update_parameters(model)
+
+
+def _run(kind: str, world: int, seed: int):
+    model = _wrap(kind, small_model(seed), world)
+    optim = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    avgs = [cls(model, **kw) for cls, kw in RULES]
+    return model, optim, avgs
+
+
+def _resume(rank: int, world: int, root: str, k: int, total: int) -> None:
+    for kind in ("ddp", "fsdp2"):
+        model, optim, whole = _run(kind, world, seed=0)
+        _train(model, optim, whole, 0, total)
+
+        model, optim, part = _run(kind, world, seed=0)
+        _train(model, optim, part, 0, k)
+        msd, osd = get_state_dict(model, optim)
+        state = {"model": msd, "optim": osd, **{f"ema{i}": a for i, a in enumerate(part)}}
+        dcp.save(state, checkpoint_id=f"{root}/{kind}")
+
+        model, optim, resumed = _run(kind, world, seed=11)  # other weights, no state
+        _train(model, optim, [], 0, 1)  # and a different optimizer state
+        msd, osd = get_state_dict(model, optim)
+        state = {"model": msd, "optim": osd, **{f"ema{i}": a for i, a in enumerate(resumed)}}
+        dcp.load(state, checkpoint_id=f"{root}/{kind}")
+        set_state_dict(
+            model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+        _train(model, optim, resumed, k, total)
+
+        for (cls, _), a, b in zip(RULES, whole, resumed, strict=True):
+            assert a.steps == b.steps == total
+            for i, (x, y) in enumerate(zip(a.shards.views, b.shards.views, strict=True)):
+                assert torch.equal(x, y), f"{kind} {cls.__name__}: {a.shards.slots[i].key}"
+
+
+def test_interrupted_and_resumed_equals_uninterrupted_bitwise_ddp_and_fsdp2(tmp_path):
+    run_distributed(_resume, 2, tmp_path, str(tmp_path), 3, 7)
