@@ -1,6 +1,7 @@
 """DCP checkpoints on real gloo ranks: each rank writes its shards once; a save at W=2
 loads exactly at W=1 (no process group), 2 and 3, into either placement; async_save
-snapshots; interrupted-and-resumed training equals uninterrupted bitwise (DDP, FSDP2)."""
+snapshots; interrupted-and-resumed training equals uninterrupted bitwise (DDP, FSDP2;
+synchronous and asynchronous updates)."""
 
 from __future__ import annotations
 
@@ -195,39 +196,48 @@ def _train(model, optim, avgs, start: int, stop: int) -> None:
             avg.update_parameters(model)
 
 
-def _run(kind: str, world: int, seed: int):
+def _run(kind: str, world: int, seed: int, async_update: bool = False):
     model = _wrap(kind, small_model(seed), world)
     optim = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    avgs = [cls(model, **kw) for cls, kw in RULES]
+    mode = {"async_update": True, "optimizer": optim} if async_update else {}
+    avgs = [cls(model, **kw, **mode) for cls, kw in RULES]
     return model, optim, avgs
 
 
 def _resume(rank: int, world: int, root: str, k: int, total: int) -> None:
     for kind in ("ddp", "fsdp2"):
-        model, optim, whole = _run(kind, world, seed=0)
+        model, optim, whole = _run(kind, world, seed=0)  # synchronous, uninterrupted
         _train(model, optim, whole, 0, total)
+        for async_update in (False, True):
+            where = f"{root}/{kind}-{async_update}"
+            model, optim, part = _run(kind, world, seed=0, async_update=async_update)
+            _train(model, optim, part, 0, k)
+            msd, osd = get_state_dict(model, optim)
+            state = {"model": msd, "optim": osd, **{f"ema{i}": a for i, a in enumerate(part)}}
+            dcp.save(state, checkpoint_id=where)
 
-        model, optim, part = _run(kind, world, seed=0)
-        _train(model, optim, part, 0, k)
-        msd, osd = get_state_dict(model, optim)
-        state = {"model": msd, "optim": osd, **{f"ema{i}": a for i, a in enumerate(part)}}
-        dcp.save(state, checkpoint_id=f"{root}/{kind}")
+            # other weights, another optimizer state, a fresh average
+            model, optim, resumed = _run(kind, world, seed=11, async_update=async_update)
+            _train(model, optim, [], 0, 1)
+            msd, osd = get_state_dict(model, optim)
+            state = {"model": msd, "optim": osd, **{f"ema{i}": a for i, a in enumerate(resumed)}}
+            dcp.load(state, checkpoint_id=where)
+            set_state_dict(
+                model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"]
+            )
+            _train(model, optim, resumed, k, total)
 
-        model, optim, resumed = _run(kind, world, seed=11)  # other weights, no state
-        _train(model, optim, [], 0, 1)  # and a different optimizer state
-        msd, osd = get_state_dict(model, optim)
-        state = {"model": msd, "optim": osd, **{f"ema{i}": a for i, a in enumerate(resumed)}}
-        dcp.load(state, checkpoint_id=f"{root}/{kind}")
-        set_state_dict(
-            model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"]
-        )
-        _train(model, optim, resumed, k, total)
-
-        for (cls, _), a, b in zip(RULES, whole, resumed, strict=True):
-            assert a.steps == b.steps == total
-            for i, (x, y) in enumerate(zip(a.shards.views, b.shards.views, strict=True)):
-                assert torch.equal(x, y), f"{kind} {cls.__name__}: {a.shards.slots[i].key}"
+            for (cls, _), a, b in zip(RULES, whole, resumed, strict=True):
+                b.wait()
+                assert a.steps == b.steps == total
+                for i, (x, y) in enumerate(zip(a.shards.views, b.shards.views, strict=True)):
+                    key = a.shards.slots[i].key
+                    assert torch.equal(x, y), f"{kind} async={async_update} {cls.__name__}: {key}"
+            for avg in part + resumed:
+                avg.close()
 
 
-def test_interrupted_and_resumed_equals_uninterrupted_bitwise_ddp_and_fsdp2(tmp_path):
+def test_interrupted_and_resumed_equals_uninterrupted_bitwise_ddp_and_fsdp2_sync_and_async(
+    tmp_path,
+):
     run_distributed(_resume, 2, tmp_path, str(tmp_path), 3, 7)

@@ -202,26 +202,40 @@ def test_torch_save_of_state_dict_round_trips(tmp_path):
     assert fresh.steps == 3
 
 
-@pytest.mark.parametrize("cls, kw", RULES, ids=[c.__name__ for c, _ in RULES])
-def test_interrupted_and_resumed_equals_uninterrupted_bitwise(tmp_path, cls, kw):
-    def run(steps, start=0, model=None, avg=None):
-        model = model or small_model()
-        avg = avg or cls(model, **kw)
-        for s in range(start, start + steps):
-            perturb(model, s)
-            train_forward(model, s)
-            avg.update_parameters(model)
-        return model, avg
+def _train(model: nn.Module, optim, avg, start: int, stop: int) -> None:
+    for s in range(start, stop):
+        gen = torch.Generator().manual_seed(s)
+        x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 2, generator=gen)
+        model.train()
+        optim.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optim.step()
+        avg.update_parameters(model)
 
-    _, whole = run(7)
-    model, part = run(3)
+
+@pytest.mark.parametrize("async_update", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("cls, kw", RULES, ids=[c.__name__ for c, _ in RULES])
+def test_interrupted_and_resumed_equals_uninterrupted_bitwise(tmp_path, cls, kw, async_update):
+    def build(seed):
+        model = small_model(seed)
+        optim = torch.optim.SGD(model.parameters(), lr=0.1)  # stateless: the model is all
+        mode = {"async_update": True, "optimizer": optim} if async_update else {}
+        return model, optim, cls(model, **kw, **mode)
+
+    model, optim, whole = build(0)  # synchronous and uninterrupted: the reference
+    if async_update:
+        whole = cls(model, **kw)
+    _train(model, optim, whole, 0, 7)
+
+    model, optim, part = build(0)
+    _train(model, optim, part, 0, 3)
     dcp.save({"model": model.state_dict(), "ema": part}, checkpoint_id=tmp_path)
-    model = small_model(seed=5)
-    resumed = cls(model, **kw)
+
+    model, optim, resumed = build(5)
     state = {"model": model.state_dict(), "ema": resumed}
     dcp.load(state, checkpoint_id=tmp_path)
     model.load_state_dict(state["model"])
-    run(4, start=3, model=model, avg=resumed)
+    _train(model, optim, resumed, 3, 7)
     assert resumed.steps == whole.steps == 7
     _assert_equal(_values(resumed), _values(whole))
 
