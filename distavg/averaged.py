@@ -203,9 +203,10 @@ class BaseAveragedModel:
         at the next fence.
         """
         self._check_group()
+        # Capturing first also fences the previous update and raises its error, if any.
+        flat = self.engine.capture(self.topology.locals(model))
         if self._watch is not None and not self._watch.take():
             return
-        flat = self.engine.capture(self.topology.locals(model))
         steps = self._steps
         kind, w = ("copy", 0.0) if steps == 0 else ("follow", 0.0)
         if steps and steps % self.interval == 0:
@@ -255,18 +256,22 @@ class BaseAveragedModel:
     def _check_precision(self, w: float) -> None:
         if self._warned_precision:
             return
-        for s in self.shards.slots:
-            if s.averaged and s.dtype in (torch.bfloat16, torch.float16):
-                eps = torch.finfo(s.dtype).eps
-                if w < eps:
-                    warnings.warn(
-                        f"averaging in {s.dtype} with weight {w:.3g}, below its resolution "
-                        f"(eps {eps:.3g}): most updates round away. Pass dtype=torch.float32 "
-                        f"to keep an fp32 average",
-                        stacklevel=3,
-                    )
-                    self._warned_precision = True
-                    return
+        if not hasattr(self, "_low_dtypes"):  # found once: this runs on every averaging call
+            low = (torch.bfloat16, torch.float16)
+            self._low_dtypes = list(
+                dict.fromkeys(s.dtype for s in self.shards.slots if s.averaged and s.dtype in low)
+            )
+        for dtype in self._low_dtypes:
+            eps = torch.finfo(dtype).eps
+            if w < eps:
+                warnings.warn(
+                    f"averaging in {dtype} with weight {w:.3g}, below its resolution "
+                    f"(eps {eps:.3g}): most updates round away. Pass dtype=torch.float32 "
+                    f"to keep an fp32 average",
+                    stacklevel=3,
+                )
+                self._warned_precision = True
+                return
 
     def wait(self) -> None:
         """Block until every submitted update is applied; raise an error one raised."""

@@ -177,8 +177,10 @@ def _serve(jobs: queue.Queue, errors: list[BaseException]) -> None:
         except BaseException as e:  # kept and raised on the caller's next call
             errors.append(e)
         finally:
-            del job
             jobs.task_done()
+            # Dropping the job last may drop the last reference to an averager, whose
+            # close() then runs on this thread (see Worker.close).
+            del job
 
 
 class Worker:
@@ -205,7 +207,8 @@ class Worker:
     def close(self) -> None:
         if self._thread.is_alive():
             self._jobs.put(None)
-            self._thread.join()
+            if threading.current_thread() is not self._thread:
+                self._thread.join()
 
 
 class WorkerEngine(Engine):

@@ -1,0 +1,315 @@
+"""Asynchronous updates on one process: the CPU worker path, the fence, real steps only."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import distavg
+from distavg._device import OffloadPlan
+from distavg.engine import StepWatch, SyncEngine, WorkerEngine
+
+RULES = [
+    (distavg.StochasticWeightAverage, {}),
+    (distavg.ExponentialMovingAverage, {"momentum": 0.1}),
+    (distavg.MomentumAnnealingEMA, {"momentum": 0.01, "gamma": 10}),
+    (distavg.WarmupEMA, {"decay": 0.99}),
+    (distavg.PowerEMA, {"sigma_rel": 0.1}),
+    (distavg.HalfLifeEMA, {"half_life": 5.0}),
+]
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    # Large and small tensors (direct and staged), BatchNorm buffers (mutated by forward,
+    # an integer counter among them).
+    return nn.Sequential(
+        nn.Linear(8, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 160), nn.Linear(160, 4)
+    )
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    opt.zero_grad()
+    model(x).pow(2).mean().backward()
+    opt.step()
+
+
+def _flats(avg: distavg.BaseAveragedModel) -> dict:
+    avg.wait()
+    return {d: g.flat.clone() for d, g in avg.shards.groups.items()}
+
+
+def _assert_bitwise(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for d in a:
+        assert torch.equal(a[d], b[d]), f"{d} differs"
+
+
+@pytest.mark.parametrize(("cls", "kw"), RULES, ids=[c.__name__ for c, _ in RULES])
+@pytest.mark.parametrize("update_buffers", [False, True])
+def test_async_equals_sync_bitwise_each_rule(cls, kw, update_buffers):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    common = dict(kw, interval=2, update_buffers=update_buffers, optimizer=opt)
+    sync = cls(model, **common)
+    asyn = cls(model, async_update=True, **common)
+    assert isinstance(asyn.engine, WorkerEngine) and isinstance(sync.engine, SyncEngine)
+    for i in range(24):
+        _step(model, opt, torch.randn(16, 8))
+        sync.update_parameters(model)
+        asyn.update_parameters(model)
+        if i % 7 == 6:  # also mid-run, with an update in flight
+            _assert_bitwise(_flats(sync), _flats(asyn))
+    assert asyn.steps == sync.steps == 24
+    _assert_bitwise(_flats(sync), _flats(asyn))
+    full_s, full_a = sync.full_state_dict(), asyn.full_state_dict()
+    assert all(torch.equal(full_s[k], full_a[k]) for k in full_s)
+
+
+def test_async_without_optimizer_raises():
+    with pytest.raises(ValueError, match=r"async_update=True needs optimizer=.*got optimizer=None"):
+        distavg.ExponentialMovingAverage(_model(), async_update=True)
+
+
+def test_optimizer_of_wrong_type_raises():
+    with pytest.raises(ValueError, match="optimizer must be a torch.optim.Optimizer or None, got"):
+        distavg.StochasticWeightAverage(_model(), optimizer="sgd")
+
+
+def test_gradscaler_skipped_steps_push_nothing():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu")
+    avg = distavg.ExponentialMovingAverage(model, momentum=0.2, async_update=True, optimizer=opt)
+    ref = distavg.ExponentialMovingAverage(model, momentum=0.2)  # told of real steps only
+
+    def scaled_step(x: torch.Tensor, blow_up: bool) -> None:
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        if blow_up:  # inf gradients: the scaler skips optimizer.step()
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    skipped = 0
+    for i in range(12):
+        before = {k: v.clone() for k, v in model.named_parameters()}
+        scaled_step(torch.randn(16, 8), blow_up=i % 3 == 1)
+        stepped = not all(torch.equal(before[k], v) for k, v in model.named_parameters())
+        avg.update_parameters(model)
+        if stepped:
+            ref.update_parameters(model)
+        else:
+            skipped += 1
+            # The average is untouched and the skipped step does not count.
+            ref_flats = _flats(ref)
+            _assert_bitwise(_flats(avg), ref_flats)
+    assert skipped == 4
+    assert avg.steps == ref.steps == 8
+    _assert_bitwise(_flats(avg), _flats(ref))
+
+
+def test_update_without_a_step_does_nothing():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    avg = distavg.StochasticWeightAverage(model, optimizer=opt)
+    avg.update_parameters(model)
+    assert avg.steps == 0
+    _step(model, opt, torch.randn(4, 8))
+    avg.update_parameters(model)
+    avg.update_parameters(model)
+    assert avg.steps == 1
+
+
+class _Gate:
+    """Holds the worker inside the next update until released."""
+
+    def __init__(self, avg: distavg.BaseAveragedModel) -> None:
+        avg.wait()  # hold the next update, not one already queued
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.avg, self.op = avg, avg.shards.lerp
+
+        def held(*args, **kwargs):
+            self.entered.set()
+            assert self.release.wait(10)
+            self.op(*args, **kwargs)
+
+        avg.shards.lerp = held
+
+    def open_later(self, seconds: float = 0.2) -> None:
+        assert self.entered.wait(10)  # the update is in flight now
+        threading.Timer(seconds, self.release.set).start()
+
+
+def test_swapped_during_inflight_update_sees_the_finished_update():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sync = distavg.ExponentialMovingAverage(model, momentum=0.3, optimizer=opt)
+    asyn = distavg.ExponentialMovingAverage(model, momentum=0.3, async_update=True, optimizer=opt)
+    for _ in range(3):
+        _step(model, opt, torch.randn(16, 8))
+        sync.update_parameters(model)
+        asyn.update_parameters(model)
+    gate = _Gate(asyn)
+    _step(model, opt, torch.randn(16, 8))
+    sync.update_parameters(model)
+    asyn.update_parameters(model)
+    gate.open_later()
+    with asyn.swapped(model) as m:
+        got = {k: v.clone() for k, v in m.state_dict().items()}
+    want = sync.full_state_dict()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_optimizer_step_waits_for_the_inflight_update():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    sync = distavg.ExponentialMovingAverage(model, momentum=0.3, optimizer=opt)
+    asyn = distavg.ExponentialMovingAverage(model, momentum=0.3, async_update=True, optimizer=opt)
+    for _ in range(2):
+        _step(model, opt, torch.randn(16, 8))
+        sync.update_parameters(model)
+        asyn.update_parameters(model)
+    gate = _Gate(asyn)
+    _step(model, opt, torch.randn(16, 8))
+    sync.update_parameters(model)
+    asyn.update_parameters(model)
+    gate.open_later()
+    # Forward mutates the BatchNorm statistics and the step writes the parameters while
+    # the update is held: it must still see the values of the step it was enqueued after.
+    _step(model, opt, torch.randn(16, 8))
+    _assert_bitwise(_flats(sync), _flats(asyn))
+
+
+def test_worker_exception_surfaces_on_the_next_call():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    avg = distavg.ExponentialMovingAverage(model, async_update=True, optimizer=opt)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk on fire")
+
+    _step(model, opt, torch.randn(4, 8))
+    avg.update_parameters(model)
+    avg.shards.lerp = broken
+    # ... at the optimizer's next step (the fence in its pre-hook)
+    _step(model, opt, torch.randn(4, 8))
+    avg.update_parameters(model)
+    with pytest.raises(
+        RuntimeError, match="asynchronous update of the average failed.*disk on fire"
+    ):
+        _step(model, opt, torch.randn(4, 8))
+    # ... at wait(), once per failure
+    _step(model, opt, torch.randn(4, 8))
+    avg.update_parameters(model)
+    with pytest.raises(RuntimeError, match="OSError: disk on fire") as info:
+        avg.wait()
+    assert isinstance(info.value.__cause__, OSError)
+    avg.wait()
+    # ... at the next update_parameters(), even one after a skipped step
+    _step(model, opt, torch.randn(4, 8))
+    avg.update_parameters(model)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        avg.update_parameters(model)
+    # ... and at swapped()
+    _step(model, opt, torch.randn(4, 8))
+    avg.update_parameters(model)
+    with pytest.raises(RuntimeError, match="disk on fire"), avg.swapped(model):
+        pass
+    assert avg.steps == 5
+
+
+def test_close_fences_removes_hooks_and_stops_the_worker():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    avg = distavg.StochasticWeightAverage(model, async_update=True, optimizer=opt)
+    thread = avg.engine._worker._thread
+    gate_release = threading.Event()
+    op = avg.shards.copy_all
+    done = []
+
+    def slow(*args):
+        assert gate_release.wait(10)
+        op(*args)
+        done.append(True)
+
+    avg.shards.copy_all = slow
+    _step(model, opt, torch.randn(4, 8))
+    avg.update_parameters(model)
+    threading.Timer(0.2, gate_release.set).start()
+    avg.close()
+    assert done and not thread.is_alive()
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    _step(model, opt, torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match="closed"):
+        avg.update_parameters(model)
+
+
+def test_destruction_stops_the_worker_and_releases_the_optimizer():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    avg = distavg.StochasticWeightAverage(model, async_update=True, optimizer=opt)
+    thread = avg.engine._worker._thread
+    _step(model, opt, torch.randn(4, 8))
+    avg.update_parameters(model)
+    del avg
+    gc.collect()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert not opt._optimizer_step_pre_hooks
+    _step(model, opt, torch.randn(4, 8))  # no fence left behind
+
+
+def test_step_watch_counts_real_steps_only():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    watch = StepWatch(opt, SyncEngine(None))
+    assert not watch.take()
+    _step(model, opt, torch.randn(4, 8))
+    assert watch.take() and not watch.take()
+    watch.remove()
+    _step(model, opt, torch.randn(4, 8))
+    assert not watch.take()
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float32])
+def test_offload_cpu_math_equals_the_shards_update_bitwise(dtype):
+    # The offload path's CPU side (per region, split into buckets) against the shards' own
+    # update; host sources need no copies, so this runs without an accelerator.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 700), nn.BatchNorm1d(700), nn.Linear(700, 90))
+    model[2].to(torch.bfloat16)
+    ref = distavg.ExponentialMovingAverage(model, momentum=0.3, dtype=dtype)
+    off = distavg.ExponentialMovingAverage(model, momentum=0.3, dtype=dtype)
+    flat = ref.topology.locals(model)
+    sources = ref._sources(flat)
+    plans = {
+        f: OffloadPlan(
+            off.shards,
+            sources,
+            follow_only=f,
+            bucket_bytes=4096,
+            staging=lambda d, n: torch.empty(n, dtype=d),
+            event=torch.cpu.Event,
+        )
+        for f in (False, True)
+    }
+    for kind, w in [("copy", 0.0), ("lerp", 0.3), ("follow", 0.0), ("lerp", 0.7), ("lerp", 1.0)]:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            model[1].running_mean.add_(1.0)
+        if kind == "copy":
+            ref.shards.copy_all(sources)
+        elif kind == "follow":
+            ref.shards.follow(sources)
+        else:
+            ref.shards.lerp(sources, w)
+        plans[kind == "follow"].apply(kind, w)
+        _assert_bitwise(_flats(ref), _flats(off))
