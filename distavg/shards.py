@@ -23,14 +23,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+from . import _kernels
 
 # Below this many elements a tensor is staged: one cat + one lerp over many small tensors
 # beats one kernel launch (or TensorIterator setup) per tensor.
 SMALL_NUMEL = 1 << 15
 # Staging block size: large enough to amortise per-op overhead, small enough to stay in cache.
 STAGE_NUMEL = 1 << 20
+# Largest cat output that takes ATen's serial CPU kernel (below at::internal::GRAIN_SIZE).
+CAT_NUMEL = 32767
 _ALIGN_BYTES = 64
 
 
@@ -110,14 +115,23 @@ class _Group:
         self.device = device
         self.pin = pin
         self.direct: list[int] = []  # slot indices
+        self.upcast: list[int] = []
         self.staged: list[int] = []
         self.follow: list[int] = []
         self.offsets: dict[int, int] = {}
         self.numel = 0
 
     def layout(self, slots: Sequence[Slot]) -> None:
+        # Large single-piece slots whose source dtype differs (bf16 params, fp32 average)
+        # are updated tensor by tensor (fused, or staged in cache-sized pieces), not
+        # concatenated: see [Note: flat layout] and [Note: fused upcast-lerp] in _kernels.
+        big = {
+            i for i in self.staged if len(slots[i].pieces) == 1 and slots[i].numel >= SMALL_NUMEL
+        }
+        self.upcast = [i for i in self.staged if i in big]
+        self.staged = [i for i in self.staged if i not in big]
         align = max(1, _ALIGN_BYTES // torch.empty((), dtype=self.dtype).element_size())
-        for i in self.direct:
+        for i in self.direct + self.upcast:
             self.numel = -(-self.numel // align) * align
             self.offsets[i] = self.numel
             self.numel += slots[i].numel
@@ -125,14 +139,19 @@ class _Group:
         for i in self.staged + self.follow:
             self.offsets[i] = self.numel
             self.numel += slots[i].numel
-        self.flat = torch.zeros(self.numel, dtype=self.dtype, device=self.device, pin_memory=self.pin)
+        self.flat = torch.zeros(
+            self.numel, dtype=self.dtype, device=self.device, pin_memory=self.pin
+        )
         self.staged_start = self.offsets[self.staged[0]] if self.staged else 0
         self.follow_start = self.offsets[self.follow[0]] if self.follow else self.numel
         self.blocks = self._blocks(slots)
         block_max = max((n for _, n, _ in self.blocks), default=0)
-        self.stage = torch.empty(block_max, dtype=self.dtype, device=self.device)
+        upcast_max = max((min(slots[i].numel, STAGE_NUMEL) for i in self.upcast), default=0)
+        self.stage = torch.empty(max(block_max, upcast_max), dtype=self.dtype, device=self.device)
 
-    def _blocks(self, slots: Sequence[Slot]) -> list[tuple[int, int, list[tuple[int, int, int, int]]]]:
+    def _blocks(
+        self, slots: Sequence[Slot]
+    ) -> list[tuple[int, int, list[tuple[int, int, int, int]]]]:
         """Split the staged run into blocks of at most STAGE_NUMEL elements.
 
         A block is ``(flat offset, numel, [(slot, piece, start, end), ...])``: the block's
@@ -182,7 +201,7 @@ class Shards:
             g = self.groups[s.dtype]
             off = g.offsets.get(i, 0)
             self.views.append(g.flat[off : off + s.numel])
-        self._resolved: tuple[object, dict] | None = None
+        self._resolved: tuple[object, list[_Plan]] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -201,55 +220,109 @@ class Shards:
     # -- updates --------------------------------------------------------------------
     # `sources[i]` is the list of 1-D source pieces that fill slot i's region in order.
 
-    def _plan(self, sources: Sequence[Sequence[torch.Tensor]]) -> dict:
+    def _plan(self, sources: Sequence[Sequence[torch.Tensor]]) -> list[_Plan]:
         """Per-group source lists, cached while the caller passes the same `sources`."""
         if self._resolved is not None and self._resolved[0] is sources:
             return self._resolved[1]
-        plan = {}
-        for dtype, g in self.groups.items():
+        plans = []
+        # On CPU, cat runs a cheap serial copy loop only for outputs below ATen's grain size;
+        # larger outputs pay a TensorIterator copy per input. So the inputs of a block are
+        # concatenated in runs below that size, then the block is lerped in one op.
+        run_max = CAT_NUMEL if self.device.type == "cpu" else STAGE_NUMEL
+        for g in self.groups.values():
             blocks = []
             for begin, n, items in g.blocks:
-                srcs = []
+                view = g.flat[begin : begin + n]
+                runs: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = []
+                srcs: list[torch.Tensor] = []
+                start = size = 0
                 for i, p, a, b in items:
+                    if srcs and size + (b - a) > run_max:
+                        end = start + size
+                        runs.append((g.stage[start:end], view[start:end], srcs))
+                        srcs, start, size = [], end, 0
                     piece = sources[i][p]
                     srcs.append(piece if (a == 0 and b == piece.numel()) else piece[a:b])
-                blocks.append((g.flat[begin : begin + n], srcs))
-            plan[dtype] = (
-                [self.views[i] for i in g.direct],
-                [sources[i][0] for i in g.direct],
-                blocks,
-                g.flat[g.follow_start :],
-                [p for i in g.follow for p in sources[i]],
+                    size += b - a
+                if srcs:
+                    end = start + size
+                    runs.append((g.stage[start:end], view[start:end], srcs))
+                blocks.append((view, g.stage[:n], runs))
+            plans.append(
+                _Plan(
+                    dviews=[self.views[i] for i in g.direct],
+                    dsrcs=[sources[i][0] for i in g.direct],
+                    uviews=[self.views[i] for i in g.upcast],
+                    usrcs=[sources[i][0] for i in g.upcast],
+                    blocks=blocks,
+                    fview=g.flat[g.follow_start :],
+                    fsrcs=[p for i in g.follow for p in sources[i]],
+                    stage=g.stage,
+                )
             )
-        self._resolved = (sources, plan)
-        return plan
+        self._resolved = (sources, plans)
+        return plans
 
     def copy_all(self, sources: Sequence[Sequence[torch.Tensor]]) -> None:
         """avg <- src for every slot (the first update)."""
-        for dtype, (dviews, dsrcs, blocks, fview, fsrcs) in self._plan(sources).items():
-            if dviews:
-                torch._foreach_copy_(dviews, dsrcs)
-            for view, srcs in blocks:
-                torch.cat(srcs, out=view)  # cat casts into the average's dtype
-            if fsrcs:
-                torch.cat(fsrcs, out=fview)
+        for plan in self._plan(sources):
+            if plan.dviews:
+                torch._foreach_copy_(plan.dviews, plan.dsrcs)
+            for view, src in zip(plan.uviews, plan.usrcs, strict=True):
+                view.copy_(src)  # copy_ casts into the average's dtype
+            for _, _, runs in plan.blocks:
+                for _, out, srcs in runs:
+                    torch.cat(srcs, out=out)  # so does cat
+            if plan.fsrcs:
+                torch.cat(plan.fsrcs, out=plan.fview)
 
     def lerp(self, sources: Sequence[Sequence[torch.Tensor]], weight: float) -> None:
-        """avg <- avg + weight * (src - avg) for averaged slots; follow slots are copied."""
-        for dtype, (dviews, dsrcs, blocks, fview, fsrcs) in self._plan(sources).items():
-            if dviews:
-                torch._foreach_lerp_(dviews, dsrcs, weight)
-            stage = self.groups[dtype].stage
-            for view, srcs in blocks:
-                staged = stage[: view.numel()]
-                torch.cat(srcs, out=staged)
+        """avg <- avg + weight * (src - avg) for averaged slots; follow slots are copied.
+
+        Every path computes what ``avg.lerp_(src.to(avg.dtype), weight)`` does, bitwise,
+        except the opt-in fused upcast-lerp (see [Note: fused upcast-lerp] in _kernels).
+        """
+        for plan in self._plan(sources):
+            if plan.dviews:
+                torch._foreach_lerp_(plan.dviews, plan.dsrcs, weight)
+            if plan.uviews and not _kernels.upcast_lerp_(plan.uviews, plan.usrcs, weight):
+                _staged_upcast_lerp(plan.uviews, plan.usrcs, plan.stage, weight)
+            for view, staged, runs in plan.blocks:
+                for out, _, srcs in runs:
+                    torch.cat(srcs, out=out)
                 view.lerp_(staged, weight)
-            if fsrcs:
-                torch.cat(fsrcs, out=fview)
+            if plan.fsrcs:
+                torch.cat(plan.fsrcs, out=plan.fview)
 
     def follow(self, sources: Sequence[Sequence[torch.Tensor]]) -> None:
         """Copy only the follow slots (calls that do not average)."""
-        for _, (_, _, _, fview, fsrcs) in self._plan(sources).items():
-            if fsrcs:
-                torch.cat(fsrcs, out=fview)
+        for plan in self._plan(sources):
+            if plan.fsrcs:
+                torch.cat(plan.fsrcs, out=plan.fview)
 
+
+class _Plan(NamedTuple):
+    """One group's update, resolved against the caller's sources (see _Group)."""
+
+    dviews: list[torch.Tensor]  # direct: one _foreach_lerp_
+    dsrcs: list[torch.Tensor]
+    uviews: list[torch.Tensor]  # upcast: fused, or staged piece by piece
+    usrcs: list[torch.Tensor]
+    # staged, per block: (flat view, its stage, [(stage run, flat run, run sources)]):
+    # cat each run into the stage, then one lerp_ of the block.
+    blocks: list[tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, list]]]]
+    fview: torch.Tensor  # follow: one cat
+    fsrcs: list[torch.Tensor]
+    stage: torch.Tensor
+
+
+def _staged_upcast_lerp(
+    views: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], stage: torch.Tensor, w: float
+) -> None:
+    # Cast a cache-sized piece into the stage, then lerp it while it is still in cache.
+    for view, src in zip(views, srcs, strict=True):
+        for a in range(0, view.numel(), stage.numel()):
+            piece = src[a : a + stage.numel()]
+            staged = stage[: piece.numel()]
+            staged.copy_(piece)
+            view[a : a + piece.numel()].lerp_(staged, w)

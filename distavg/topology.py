@@ -77,6 +77,16 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
+def _identity(current: list[torch.Tensor | None], plain: bool) -> tuple | None:
+    """What the cache of ``locals`` is keyed on: each tensor object and its storage."""
+    if plain:  # the common case, read at C speed: no DTensor to look through
+        try:
+            return tuple(map(id, current)), tuple([t.data_ptr() for t in current])
+        except (AttributeError, RuntimeError):  # a tensor is missing, or became a DTensor
+            return None
+    return tuple((id(t), _local(t).data_ptr()) if t is not None else None for t in current)
+
+
 class Topology:
     """The model's tensors and where this rank finds its data of each.
 
@@ -99,6 +109,7 @@ class Topology:
         self.device = _local(tensors[0]).device
         self._cache: tuple[tuple, list[torch.Tensor]] | None = None
         self._owners: tuple[nn.Module, list[nn.Module | None]] | None = None
+        self._unwrapped: tuple[nn.Module, nn.Module] | None = None
         self.locals(model)  # validates devices and primes the cache
 
     def _check_fsdp2(self, spec: TensorSpec, t: DTensor) -> None:
@@ -124,7 +135,10 @@ class Topology:
         storage; anything else (another model, ``.to()``, ``.half()``) is checked again
         against the model the average was built for.
         """
-        module = unwrap(model)
+        # unwrap walks every submodule (the FSDP1 check): once per wrapper, not every step.
+        if self._unwrapped is None or self._unwrapped[0] is not model:
+            self._unwrapped = (model, unwrap(model))
+        module = self._unwrapped[1]
         if self._owners is None or self._owners[0] is not module:
             mods = dict(module.named_modules(remove_duplicate=False))
             self._owners = (module, [mods.get(s.owner) for s in self.specs])
@@ -132,8 +146,8 @@ class Topology:
             None if m is None else (m._parameters if s.is_param else m._buffers).get(s.attr)
             for s, m in zip(self.specs, self._owners[1], strict=True)
         ]
-        key = tuple((id(t), _local(t).data_ptr()) if t is not None else None for t in current)
-        if self._cache is not None and self._cache[0] == key:
+        key = _identity(current, self.mesh is None)
+        if key is not None and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         if any(t is None for t in current):
             self._mismatch(module)
