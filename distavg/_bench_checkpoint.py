@@ -124,6 +124,14 @@ def checkpoint_table(rounds: int = 5, width: int = 1024, layers: int = 12) -> st
         for method in METHODS:
             per_rank = res["written"][method]
             secs = max(r["median_s"][method] for r in res["ranks"])
+            # extra memory while saving: DCP's snapshot of this rank's part of the average,
+            # or the whole gathered model on rank 0
+            if method == METHODS[2]:
+                held = [model_bytes] + [0] * (world - 1)
+            else:
+                held = [
+                    r["held"]["owner" if method == METHODS[1] else "sharded"] for r in res["ranks"]
+                ]
             rows.append(
                 [
                     world,
@@ -131,6 +139,7 @@ def checkpoint_table(rounds: int = 5, width: int = 1024, layers: int = 12) -> st
                     " / ".join(f"{b / 2**20:.1f}" for b in per_rank),
                     f"{max(per_rank) / model_bytes:.3f}",
                     f"{secs * 1e3:.1f}",
+                    " / ".join(f"{b / 2**20:.1f}" for b in held),
                 ]
             )
     snapshot = "the rank's own part of the average (1/W when sharded)"
@@ -146,6 +155,7 @@ def checkpoint_table(rounds: int = 5, width: int = 1024, layers: int = 12) -> st
                     "MiB written per rank (r0 / r1)",
                     "largest rank / model",
                     "save ms (median, slowest rank)",
+                    "extra MiB held per rank",
                 ],
                 rows,
             ),
@@ -153,9 +163,9 @@ def checkpoint_table(rounds: int = 5, width: int = 1024, layers: int = 12) -> st
             f"Target: sharded, every rank writes 1/W of the model (0.5 at W=2). Medians of "
             f"{rounds} rounds, the three methods saved in turn each round; files go to the "
             f"page cache of this machine's disk. rank 0's bytes include DCP's .metadata. "
-            f"Memory: dcp.save and dcp.load hold one transient copy of {snapshot} (the "
-            f"snapshot that lets a load be checked before it touches the average); the "
-            f"gathered save holds the whole model on rank 0.",
+            f"Extra MiB held: dcp.save and dcp.load hold one transient copy of {snapshot} "
+            f"(the snapshot that lets a load be checked before it touches the average); "
+            f"the gathered save holds the whole model on rank 0 (plus the gather buffers).",
         ]
     )
 

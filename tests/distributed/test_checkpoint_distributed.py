@@ -96,6 +96,15 @@ def _save_at_two(rank: int, world: int, root: str) -> None:
         dcp.load({"ema": avg}, checkpoint_id=root / saved)
         _check_full(avg, refs[saved], f"{saved} -> {into}")
 
+    # a whole-tensor state dict (owner rank's, e.g. from torch.load) loads into the sharded
+    # placement without DCP: each rank takes its chunk
+    _, owner = _trained("owner")
+    whole = [owner.state_dict() if rank == 0 else None]
+    dist.broadcast_object_list(whole, src=0)
+    avg = _fresh("sharded")
+    avg.load_state_dict(whole[0])
+    _check_full(avg, refs["owner"], "whole state dict -> sharded")
+
     # 3. another rule is an error on every rank, and the average stays as it was
     model = nn.parallel.DistributedDataParallel(small_model(seed=3))
     other = distavg.WarmupEMA(model, decay=0.8, power=0.75, interval=2)
