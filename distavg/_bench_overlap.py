@@ -1,0 +1,172 @@
+"""Benchmark section: how much of the update an asynchronous average hides.
+
+``overlap_table()`` times a training step (zero_grad, forward, backward, AdamW step) of the
+same MLP with no average, with a synchronous EMA and with an asynchronous EMA
+(``async_update=True``, the CPU worker thread), measured side by side: the three are timed
+in round-robin order, a block of steps each per round, and the table shows medians over
+the rounds. A block is timed in the steady state: each timed step overlaps (async) or
+contains (sync) exactly one update.
+
+Two settings: one process with ``torch.set_num_threads(1)`` (the worker has a core of its
+own on a 2-core machine), and 2 DDP ranks over gloo with one thread each (on 2 cores, no
+core is free for the workers). See DESIGN §3: a worker thread overlaps only when a core is
+free.
+
+``python -m distavg._bench_overlap [--quick]`` prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+MODES = ("none", "sync", "async")
+MOMENTUM = 2e-4
+
+
+@dataclass(frozen=True)
+class Config:
+    width: int = 2048
+    batch: int = 64
+    rounds: int = 9
+    steps: int = 6
+
+
+QUICK = Config(width=512, batch=32, rounds=3, steps=3)
+
+
+def _model(width: int) -> nn.Module:
+    torch.manual_seed(0)
+    half = width // 2
+    return nn.Sequential(
+        nn.Linear(half, width),
+        nn.GELU(),
+        nn.Linear(width, width),
+        nn.GELU(),
+        nn.Linear(width, half),
+    )
+
+
+def _measure(cfg: Config, wrap=lambda m: m) -> dict[str, float]:
+    """Median seconds per step for each mode, timed round-robin."""
+    from . import ExponentialMovingAverage
+
+    setups = {}
+    for mode in MODES:
+        model = wrap(_model(cfg.width))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        avg = None
+        if mode != "none":
+            avg = ExponentialMovingAverage(
+                model, momentum=MOMENTUM, optimizer=opt, async_update=mode == "async"
+            )
+        setups[mode] = (model, opt, avg)
+    x = torch.randn(cfg.batch, cfg.width // 2)
+
+    def step(model: nn.Module, opt: torch.optim.Optimizer, avg) -> None:
+        opt.zero_grad(set_to_none=True)
+        model(x).pow(2).mean().backward()
+        opt.step()
+        if avg is not None:
+            avg.update_parameters(model)
+
+    def block(mode: str, steps: int) -> float:
+        # Steady state: the timer starts with one update in flight and stops with one in
+        # flight, so each timed step overlaps exactly one update (sync: contains one).
+        model, opt, avg = setups[mode]
+        step(model, opt, avg)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(model, opt, avg)
+        elapsed = time.perf_counter() - t0
+        if avg is not None:
+            avg.wait()  # untimed: the next block starts with no other update running
+        return elapsed / steps
+
+    for mode in MODES:  # warm-up: allocations, first update (a copy)
+        block(mode, 2)
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    for _ in range(cfg.rounds):
+        for mode in MODES:
+            times[mode].append(block(mode, cfg.steps))
+    for _, _, avg in setups.values():
+        if avg is not None:
+            avg.close()
+    return {m: statistics.median(t) for m, t in times.items()}
+
+
+def _rank_main(rank: int, world: int, store: str, out: str, cfg: Config) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+    try:
+        result = _measure(cfg, wrap=nn.parallel.DistributedDataParallel)
+        if rank == 0:
+            Path(out).write_text(json.dumps(result))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _two_ranks(cfg: Config) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        mp.spawn(_rank_main, args=(2, os.path.join(tmp, "store"), out, cfg), nprocs=2, join=True)
+        return json.loads(Path(out).read_text())
+
+
+def _one_process(cfg: Config) -> dict[str, float]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _measure(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def overlap_table(quick: bool = False) -> str:
+    """The overlap table (see the module docstring), as printable text."""
+    cfg = QUICK if quick else Config()
+    params = sum(p.numel() for p in _model(cfg.width).parameters())
+    rows = [
+        ("1 process", _one_process(cfg)),
+        ("2 ranks (DDP, gloo)", _two_ranks(cfg)),
+    ]
+    lines = [
+        f"overlap: train step with an EMA pushed after every optimizer step; MLP of "
+        f"{params / 1e6:.1f}M fp32 params, AdamW, batch {cfg.batch}; "
+        f"{os.cpu_count()} cores; torch.set_num_threads(1) per process",
+        f"medians of {cfg.rounds} round-robin rounds of {cfg.steps} steps "
+        f"(steady state: one update per timed step); hidden = (sync - async) / (sync - none)",
+        f"{'setting':<22}{'none ms':>9}{'sync ms':>9}{'async ms':>10}"
+        f"{'update ms':>11}{'hidden':>9}{'async/none':>12}",
+    ]
+    for name, t in rows:
+        none, sync, asyn = (t[m] * 1e3 for m in MODES)
+        update = sync - none
+        hidden = (sync - asyn) / update if update > 0 else float("nan")
+        lines.append(
+            f"{name:<22}{none:>9.2f}{sync:>9.2f}{asyn:>10.2f}{update:>11.2f}"
+            f"{hidden:>9.0%}{asyn / none:>12.3f}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    print(overlap_table(quick=parser.parse_args().quick))
+
+
+if __name__ == "__main__":
+    main()
