@@ -124,6 +124,8 @@ class OffloadPlan:
         bucket_bytes: most bytes copied per bucket.
         staging: returns a pinned host tensor of at least the given numel and dtype.
         event: creates an event.
+        copied: whether a source piece must be copied to the host (it is on the
+            accelerator); other pieces (host snapshots) are read where they are.
     """
 
     def __init__(
@@ -135,6 +137,7 @@ class OffloadPlan:
         bucket_bytes: int,
         staging: Callable[[torch.dtype, int], torch.Tensor],
         event: Callable[[], object],
+        copied: Callable[[torch.Tensor], bool] = lambda t: t.device.type != "cpu",
     ) -> None:
         buckets = [_Bucket()]
         used: dict[torch.dtype, int] = {}
@@ -145,7 +148,7 @@ class OffloadPlan:
             view, off = shards.views[i], 0
             for piece in sources[i]:
                 n = piece.numel()
-                if piece.device.type == "cpu":
+                if not copied(piece):
                     buckets[-1].work.append((view[off : off + n], piece, slot.averaged))
                     off += n
                     continue
@@ -270,8 +273,7 @@ class OffloadEngine(Engine):
         if self._scratch is None:
             # Allocated on the side stream, which alone uses it.
             self._scratch = torch.empty(self.bucket_bytes, dtype=torch.uint8, device=self.device)
-        es = torch.empty((), dtype=dtype).element_size()
-        return self._scratch[: numel * es].view(dtype)
+        return self._scratch[: numel * dtype.itemsize].view(dtype)
 
     def _event(self) -> object:
         # A blocking event lets the waiting thread sleep instead of spinning on a core

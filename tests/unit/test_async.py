@@ -279,9 +279,11 @@ def test_step_watch_counts_real_steps_only():
 
 
 @pytest.mark.parametrize("dtype", [None, torch.float32])
-def test_offload_cpu_math_equals_the_shards_update_bitwise(dtype):
-    # The offload path's CPU side (per region, split into buckets) against the shards' own
-    # update; host sources need no copies, so this runs without an accelerator.
+@pytest.mark.parametrize("through_staging", [False, True])
+def test_offload_buckets_and_cpu_math_equal_the_shards_update_bitwise(dtype, through_staging):
+    # The offload path without an accelerator: its buckets (small ones, so tensors split
+    # across them and small pieces are packed), the copies into staging (host to host
+    # here) and the CPU math per region, against the shards' own update.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 700), nn.BatchNorm1d(700), nn.Linear(700, 90))
     model[2].to(torch.bfloat16)
@@ -297,9 +299,14 @@ def test_offload_cpu_math_equals_the_shards_update_bitwise(dtype):
             bucket_bytes=4096,
             staging=lambda d, n: torch.empty(n, dtype=d),
             event=torch.cpu.Event,
+            copied=lambda t: through_staging,
         )
         for f in (False, True)
     }
+    scratch = torch.empty(4096, dtype=torch.uint8)
+    if through_staging:
+        assert len(plans[False].buckets) > 10
+        assert any(len(s) > 1 for b in plans[False].buckets for s, _ in b.copies.values())
     for kind, w in [("copy", 0.0), ("lerp", 0.3), ("follow", 0.0), ("lerp", 0.7), ("lerp", 1.0)]:
         with torch.no_grad():
             for p in model.parameters():
@@ -311,5 +318,7 @@ def test_offload_cpu_math_equals_the_shards_update_bitwise(dtype):
             ref.shards.follow(sources)
         else:
             ref.shards.lerp(sources, w)
-        plans[kind == "follow"].apply(kind, w)
+        plan = plans[kind == "follow"]
+        plan.copy(lambda d, n: scratch[: n * d.itemsize].view(d), None)
+        plan.apply(kind, w)
         _assert_bitwise(_flats(ref), _flats(off))
