@@ -16,10 +16,13 @@ as a 0-dim tensor, not a float, so a changing weight (warm-up, power EMA) does n
 recompile.
 
 Numerics: the kernel computes ``lerp(avg, float(src), w)`` with inductor's decomposition
-of ``lerp``; it may round differently from eager ``lerp_`` (which uses one fused
-multiply-add) in the last bit. It is deterministic: the same inputs give the same bits, so
-synchronous and asynchronous updates agree. If compilation fails the path warns once and
-falls back to the eager two-pass update for the rest of the process.
+of ``lerp`` (``coeff * (end - start) + base``, the branch on ``|w| < 0.5`` as eager's). On
+CPU it is compiled with ``-ffp-contract=fast`` so that the compiler emits the one fused
+multiply-add eager's ``lerp_`` kernel uses: the result is then bitwise that of
+``avg.lerp_(src.float(), w)`` (the tests check it). Elsewhere, or with another compiler, it
+may differ in the last bit; it is deterministic either way, so synchronous and
+asynchronous updates agree. If compilation fails the path warns once and falls back to
+the eager two-pass update for the rest of the process.
 """
 
 from __future__ import annotations
@@ -75,7 +78,13 @@ def _upcast_lerp(avg: torch.Tensor, src: torch.Tensor, weight: torch.Tensor) -> 
 def _kernel() -> Callable[..., None]:
     global _compiled
     if _compiled is None:
-        _compiled = torch.compile(_upcast_lerp, dynamic=True, fullgraph=True)
+        _compiled = torch.compile(
+            _upcast_lerp,
+            dynamic=True,
+            fullgraph=True,
+            # a * b + c as one fma, as eager's lerp kernel computes it (see the Note)
+            options={"cpp.enable_floating_point_contract_flag": "fast"},
+        )
     return _compiled
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
+import inspect
 import json
 import os
 import statistics
@@ -392,14 +394,19 @@ def section_ranks(args: argparse.Namespace) -> str:
     )
 
 
-def _external(module: str, fn: str) -> Callable[[argparse.Namespace], str]:
+def _external(
+    module: str, fn: str, quick_kwargs: dict[str, object]
+) -> Callable[[argparse.Namespace], str]:
+    """A section that lives in its own module; ``quick_kwargs`` shrink it for ``--quick``."""
+
     def run(args: argparse.Namespace) -> str:
         try:
-            mod = __import__(f"distavg.{module}", fromlist=[fn])
-        except ImportError:
-            return f"### {fn}\n\nSection unavailable: distavg.{module} is not installed."
-        table = getattr(mod, fn)()
-        return table if isinstance(table, str) else str(table)
+            table_fn = getattr(importlib.import_module(f"distavg.{module}"), fn)
+        except (ImportError, AttributeError):
+            return f"### {fn}\n\nSection unavailable: distavg.{module}.{fn} is not installed."
+        accepted = inspect.signature(table_fn).parameters
+        kwargs = {k: v for k, v in quick_kwargs.items() if k in accepted} if args.quick else {}
+        return str(table_fn(**kwargs))
 
     return run
 
@@ -409,8 +416,12 @@ RUNNERS: dict[str, Callable[[argparse.Namespace], str]] = {
     "small": section_small,
     "bf16": section_bf16,
     "ranks": section_ranks,
-    "overlap": _external("_bench_overlap", "overlap_table"),
-    "checkpoint": _external("_bench_checkpoint", "checkpoint_table"),
+    "overlap": _external("_bench_overlap", "overlap_table", {"quick": True}),
+    "checkpoint": _external(
+        "_bench_checkpoint",
+        "checkpoint_table",
+        {"quick": True, "rounds": 1, "width": 64, "layers": 2},
+    ),
 }
 
 

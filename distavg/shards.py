@@ -17,6 +17,18 @@ laid out by how they are updated, so that each kind of update is as few ops as p
      one ``cat`` into a staging block (which also casts) and one ``lerp_``.
   3. *follow*: tensors copied from the source on every call (buffers when
      ``update_buffers=False``, integer tensors always); contiguous, one ``cat`` writes them.
+Large tensors whose source dtype differs are laid out like direct ones and updated one by
+one: fused when the compiled kernel is on, else cast into the stage piece by piece (see
+[Note: fused upcast-lerp] in ``_kernels``).
+
+[Note: CPU staging]
+On CPU a staging block holds fewer elements than ATen's grain size (32768). Then ``cat``
+takes its serial kernel (a memcpy per input; larger outputs pay a TensorIterator copy per
+input, 2-3x the cost), and neither ``cat`` nor ``lerp_`` opens an OpenMP parallel region:
+on a machine whose cores are also busy (data loading, other ranks) each such region can
+wait a scheduler slice for its second thread, which made 1M-element blocks 5-10x slower
+than the per-tensor loop they replace. Staged tensors are small, so the lost parallelism
+costs little; large tensors keep the multi-threaded direct path.
 """
 
 from __future__ import annotations
@@ -32,10 +44,15 @@ from . import _kernels
 # Below this many elements a tensor is staged: one cat + one lerp over many small tensors
 # beats one kernel launch (or TensorIterator setup) per tensor.
 SMALL_NUMEL = 1 << 15
-# Staging block size: large enough to amortise per-op overhead, small enough to stay in cache.
+# Staging block size on accelerators: large enough to amortise the launches, small enough
+# to stay in cache.
 STAGE_NUMEL = 1 << 20
-# Largest cat output that takes ATen's serial CPU kernel (below at::internal::GRAIN_SIZE).
-CAT_NUMEL = 32767
+# Staging block size on CPU, see [Note: CPU staging].
+CAT_NUMEL = (1 << 15) - 1
+# Piece size when a large tensor is cast into the stage on its way to the average (bf16
+# params, fp32 average): 4 MiB of fp32 is still in cache when lerp_ reads it, and few
+# enough pieces that the parallel regions they open stay few (see [Note: CPU staging]).
+UPCAST_NUMEL = 1 << 20
 _ALIGN_BYTES = 64
 
 
@@ -146,27 +163,28 @@ class _Group:
         self.follow_start = self.offsets[self.follow[0]] if self.follow else self.numel
         self.blocks = self._blocks(slots)
         block_max = max((n for _, n, _ in self.blocks), default=0)
-        upcast_max = max((min(slots[i].numel, STAGE_NUMEL) for i in self.upcast), default=0)
+        upcast_max = max((min(slots[i].numel, UPCAST_NUMEL) for i in self.upcast), default=0)
         self.stage = torch.empty(max(block_max, upcast_max), dtype=self.dtype, device=self.device)
 
     def _blocks(
         self, slots: Sequence[Slot]
     ) -> list[tuple[int, int, list[tuple[int, int, int, int]]]]:
-        """Split the staged run into blocks of at most STAGE_NUMEL elements.
+        """Split the staged run into blocks (see [Note: CPU staging]).
 
         A block is ``(flat offset, numel, [(slot, piece, start, end), ...])``: the block's
         source is the concatenation of those piece slices.
         """
+        block = CAT_NUMEL if self.device.type == "cpu" else STAGE_NUMEL
         blocks, items, begin, size = [], [], self.staged_start, 0
         for i in self.staged:
             for p, length in enumerate(slots[i].pieces):
                 pos = 0
                 while pos < length:
-                    take = min(length - pos, STAGE_NUMEL - size)
+                    take = min(length - pos, block - size)
                     items.append((i, p, pos, pos + take))
                     pos += take
                     size += take
-                    if size == STAGE_NUMEL:
+                    if size == block:
                         blocks.append((begin, size, items))
                         items, begin, size = [], begin + size, 0
         if size:
@@ -225,29 +243,14 @@ class Shards:
         if self._resolved is not None and self._resolved[0] is sources:
             return self._resolved[1]
         plans = []
-        # On CPU, cat runs a cheap serial copy loop only for outputs below ATen's grain size;
-        # larger outputs pay a TensorIterator copy per input. So the inputs of a block are
-        # concatenated in runs below that size, then the block is lerped in one op.
-        run_max = CAT_NUMEL if self.device.type == "cpu" else STAGE_NUMEL
         for g in self.groups.values():
             blocks = []
             for begin, n, items in g.blocks:
-                view = g.flat[begin : begin + n]
-                runs: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = []
-                srcs: list[torch.Tensor] = []
-                start = size = 0
+                srcs = []
                 for i, p, a, b in items:
-                    if srcs and size + (b - a) > run_max:
-                        end = start + size
-                        runs.append((g.stage[start:end], view[start:end], srcs))
-                        srcs, start, size = [], end, 0
                     piece = sources[i][p]
                     srcs.append(piece if (a == 0 and b == piece.numel()) else piece[a:b])
-                    size += b - a
-                if srcs:
-                    end = start + size
-                    runs.append((g.stage[start:end], view[start:end], srcs))
-                blocks.append((view, g.stage[:n], runs))
+                blocks.append((g.flat[begin : begin + n], g.stage[:n], srcs))
             plans.append(
                 _Plan(
                     dviews=[self.views[i] for i in g.direct],
@@ -263,6 +266,7 @@ class Shards:
         self._resolved = (sources, plans)
         return plans
 
+    @torch.inference_mode()
     def copy_all(self, sources: Sequence[Sequence[torch.Tensor]]) -> None:
         """avg <- src for every slot (the first update)."""
         for plan in self._plan(sources):
@@ -270,12 +274,12 @@ class Shards:
                 torch._foreach_copy_(plan.dviews, plan.dsrcs)
             for view, src in zip(plan.uviews, plan.usrcs, strict=True):
                 view.copy_(src)  # copy_ casts into the average's dtype
-            for _, _, runs in plan.blocks:
-                for _, out, srcs in runs:
-                    torch.cat(srcs, out=out)  # so does cat
+            for view, _, srcs in plan.blocks:
+                torch.cat(srcs, out=view)  # so does cat
             if plan.fsrcs:
                 torch.cat(plan.fsrcs, out=plan.fview)
 
+    @torch.inference_mode()
     def lerp(self, sources: Sequence[Sequence[torch.Tensor]], weight: float) -> None:
         """avg <- avg + weight * (src - avg) for averaged slots; follow slots are copied.
 
@@ -287,13 +291,13 @@ class Shards:
                 torch._foreach_lerp_(plan.dviews, plan.dsrcs, weight)
             if plan.uviews and not _kernels.upcast_lerp_(plan.uviews, plan.usrcs, weight):
                 _staged_upcast_lerp(plan.uviews, plan.usrcs, plan.stage, weight)
-            for view, staged, runs in plan.blocks:
-                for out, _, srcs in runs:
-                    torch.cat(srcs, out=out)
+            for view, staged, srcs in plan.blocks:
+                torch.cat(srcs, out=staged)
                 view.lerp_(staged, weight)
             if plan.fsrcs:
                 torch.cat(plan.fsrcs, out=plan.fview)
 
+    @torch.inference_mode()
     def follow(self, sources: Sequence[Sequence[torch.Tensor]]) -> None:
         """Copy only the follow slots (calls that do not average)."""
         for plan in self._plan(sources):
@@ -308,9 +312,8 @@ class _Plan(NamedTuple):
     dsrcs: list[torch.Tensor]
     uviews: list[torch.Tensor]  # upcast: fused, or staged piece by piece
     usrcs: list[torch.Tensor]
-    # staged, per block: (flat view, its stage, [(stage run, flat run, run sources)]):
-    # cat each run into the stage, then one lerp_ of the block.
-    blocks: list[tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, list]]]]
+    # staged, per block: (flat view, its stage, sources): cat into the stage, one lerp_
+    blocks: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]
     fview: torch.Tensor  # follow: one cat
     fsrcs: list[torch.Tensor]
     stage: torch.Tensor
@@ -321,8 +324,8 @@ def _staged_upcast_lerp(
 ) -> None:
     # Cast a cache-sized piece into the stage, then lerp it while it is still in cache.
     for view, src in zip(views, srcs, strict=True):
-        for a in range(0, view.numel(), stage.numel()):
-            piece = src[a : a + stage.numel()]
+        for a in range(0, view.numel(), UPCAST_NUMEL):
+            piece = src[a : a + UPCAST_NUMEL]
             staged = stage[: piece.numel()]
             staged.copy_(piece)
             view[a : a + piece.numel()].lerp_(staged, w)

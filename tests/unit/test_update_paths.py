@@ -1,0 +1,138 @@
+"""Every update path of the flat buffers (direct, staged, upcast: eager and fused) against
+a plain per-tensor ``avg.lerp_(src.to(avg.dtype), w)`` loop, bitwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import distavg
+from distavg import _kernels, shards
+
+
+def _mixed_model(dtype: torch.dtype) -> nn.Module:
+    """Large tensors (direct / upcast, one above UPCAST_NUMEL) and many small ones (staged
+    over several blocks)."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(1100, 1000), nn.Linear(1000, 64)]  # 1.1M and 64K weights
+    layers += [nn.Linear(64, 64) for _ in range(40)]  # 80 small tensors, > 2 CPU blocks
+    return nn.Sequential(*layers).to(dtype)
+
+
+def _perturb(model: nn.Module, step: int) -> None:
+    g = torch.Generator().manual_seed(step)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype), alpha=0.1)
+
+
+def _reference(model: nn.Module, avg_dtype: torch.dtype, weights: list[float]) -> dict:
+    ref = {}
+    for step, w in enumerate(weights):
+        _perturb(model, step)
+        for k, v in model.state_dict().items():
+            if step == 0:
+                ref[k] = v.to(avg_dtype, copy=True)
+            else:
+                ref[k].lerp_(v.to(avg_dtype), w)
+    return ref
+
+
+class _Schedule(distavg.BaseAveragedModel):
+    """Weights on both sides of 0.5 (eager lerp switches formula there)."""
+
+    WEIGHTS = (0.0, 0.3, 0.0002, 0.7, 1.0, 0.05)
+
+    def weight(self, steps: int) -> float:
+        return self.WEIGHTS[steps]
+
+
+def _run(model: nn.Module, **kwargs) -> dict:
+    avg = _Schedule(model, **kwargs)
+    for step in range(len(_Schedule.WEIGHTS)):
+        _perturb(model, step)
+        avg.update_parameters(model)
+    return avg, avg.full_state_dict()
+
+
+def _assert_bitwise(got: dict, ref: dict) -> None:
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype, k
+        assert torch.equal(got[k], ref[k]), f"{k}: max diff {(got[k] - ref[k]).abs().max()}"
+
+
+def test_direct_and_staged_paths_match_per_tensor_lerp_bitwise():
+    ref = _reference(_mixed_model(torch.float32), torch.float32, list(_Schedule.WEIGHTS))
+    avg, got = _run(_mixed_model(torch.float32))
+    g = avg.shards.groups[torch.float32]
+    assert len(g.direct) == 2 and len(g.upcast) == 0 and len(g.blocks) >= 2
+    # CPU staging blocks stay below ATen's grain size (see [Note: CPU staging])
+    assert max(n for _, n, _ in g.blocks) <= shards.CAT_NUMEL
+    _assert_bitwise(got, ref)
+
+
+def test_eager_upcast_path_matches_per_tensor_lerp_bitwise():
+    ref = _reference(_mixed_model(torch.bfloat16), torch.float32, list(_Schedule.WEIGHTS))
+    with _kernels.fused_upcast(False):
+        avg, got = _run(_mixed_model(torch.bfloat16), dtype=torch.float32)
+    g = avg.shards.groups[torch.float32]
+    assert len(g.upcast) == 2 and len(g.direct) == 0
+    assert max(avg.shards.slots[i].numel for i in g.upcast) > shards.UPCAST_NUMEL
+    _assert_bitwise(got, ref)
+
+
+def test_fused_upcast_path_matches_per_tensor_lerp_bitwise():
+    ref = _reference(_mixed_model(torch.bfloat16), torch.float32, list(_Schedule.WEIGHTS))
+    with _kernels.fused_upcast(True):
+        _, got = _run(_mixed_model(torch.bfloat16), dtype=torch.float32)
+    # Bitwise when it compiled (one fma, as eager); the eager fallback is bitwise too.
+    assert _kernels.compiled_ready() or "fell back" in _kernels.status()
+    _assert_bitwise(got, ref)
+
+
+def test_fused_upcast_async_equals_sync_bitwise():
+    model = _mixed_model(torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with _kernels.fused_upcast(True):
+        sync = _Schedule(model, dtype=torch.float32, optimizer=opt)
+        asyn = _Schedule(model, dtype=torch.float32, optimizer=opt, async_update=True)
+        for _ in range(len(_Schedule.WEIGHTS)):
+            opt.zero_grad()
+            model(torch.randn(4, 1100, dtype=torch.bfloat16)).float().pow(2).mean().backward()
+            opt.step()
+            sync.update_parameters(model)
+            asyn.update_parameters(model)
+        _assert_bitwise(asyn.full_state_dict(), sync.full_state_dict())
+
+
+def test_fused_upcast_compile_failure_warns_and_falls_back(monkeypatch):
+    def broken():
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(_kernels, "_kernel", broken)
+    monkeypatch.setattr(_kernels, "_ready", False)
+    monkeypatch.setattr(_kernels, "_failure", None)
+    ref = _reference(_mixed_model(torch.bfloat16), torch.float32, list(_Schedule.WEIGHTS))
+    with (
+        _kernels.fused_upcast(True),
+        pytest.warns(UserWarning, match=r"fused upcast-lerp could not be compiled \(RuntimeError"),
+    ):
+        _, got = _run(_mixed_model(torch.bfloat16), dtype=torch.float32)
+    assert _kernels.status() == "fell back to eager: RuntimeError: no compiler here"
+    _assert_bitwise(got, ref)
+
+
+def test_fused_upcast_switch_reads_the_environment(monkeypatch):
+    import importlib
+
+    monkeypatch.setenv("DISTAVG_FUSED_UPCAST", "1")
+    fresh = importlib.reload(_kernels)
+    try:
+        assert fresh.status() == "on"
+        monkeypatch.setenv("DISTAVG_FUSED_UPCAST", "0")
+        assert importlib.reload(_kernels).status().startswith("off")
+    finally:
+        monkeypatch.delenv("DISTAVG_FUSED_UPCAST")
+        importlib.reload(_kernels)
