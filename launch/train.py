@@ -221,11 +221,29 @@ def setup_distributed() -> torch.device:
         backend = "cpu:gloo,cuda:nccl"  # gloo for an offloaded (CPU) average's checkpoints
     else:
         device, backend = torch.device("cpu"), "gloo"
-    if "RANK" in os.environ:
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    else:
+    device_id = device if device.type == "cuda" else None
+    if "RANK" not in os.environ:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    elif restart_count() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun hands every attempt the same rendezvous store; a restarted attempt would
+        # read the previous attempt's keys and connect to ranks that are gone (pytorch
+        # issue 135712). Keys of our own per attempt keep the attempts apart.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore(f"attempt-{restart_count()}", store),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            device_id=device_id,
+        )
+    else:
+        dist.init_process_group(backend, device_id=device_id)
     return device
+
+
+def restart_count() -> int:
+    """How many times torchrun (``--max-restarts``) has restarted this job."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 
 
 @dataclass
@@ -439,7 +457,7 @@ def train(
     rank, n = dist.get_rank(), len(data.y_train)
     steps = total_steps(args, n)
     eval_every = args.eval_every or n // args.batch_size
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+    restarted = restart_count() > 0
     bar = tqdm(
         total=steps,
         initial=progress.step,
@@ -469,13 +487,15 @@ def train(
         progress.step += 1
 
         if progress.step % eval_every == 0 or progress.step == steps:
+            train_loss = loss.detach().clone()  # the global batch's: the same on every rank
+            dist.all_reduce(train_loss)
             raw = evaluate(model, data.x_test, data.y_test)
             with ema.swapped(model):  # the live (sharded) model holds the average in here
                 avg = evaluate(model, data.x_test, data.y_test)
             progress.history.append(
                 {
                     "step": progress.step,
-                    "train_loss": loss.item(),
+                    "train_loss": train_loss.item() / dist.get_world_size(),
                     "raw_acc": raw[0],
                     "raw_loss": raw[1],
                     "avg_acc": avg[0],
@@ -600,8 +620,7 @@ def main(argv: list[str] | None = None) -> None:
     progress = Progress(model, optimizer)
 
     # 3. resume: explicitly, or whenever torchrun restarted this job after a failure
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
-    if args.checkpoint_dir and (args.resume or restarted):
+    if args.checkpoint_dir and (args.resume or restart_count() > 0):
         found = latest_checkpoint(args.checkpoint_dir)
         if found is not None:
             dcp.load({"train": progress, "ema": ema}, checkpoint_id=found)

@@ -18,7 +18,6 @@ read checkpoints. The average joins those with two lines::
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -82,8 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.register_for_checkpointing(progress)
 
     # 3. resume
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
-    if args.checkpoint_dir and (args.resume or restarted):
+    if args.checkpoint_dir and (args.resume or job.restart_count() > 0):
         found = latest_state(args.checkpoint_dir)
         if found is not None:
             accelerator.load_state(str(found))
