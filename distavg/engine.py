@@ -253,11 +253,15 @@ class StepWatch:
     ``optimizer.step()``, so neither hook runs and :meth:`take` reports no step.
 
     Args:
-        optimizer: the optimizer whose steps write the parameters.
+        optimizer: the optimizer whose steps write the parameters. A wrapper that keeps
+            the real optimizer as ``.optimizer`` (accelerate's ``AcceleratedOptimizer``)
+            is looked through: the hooks go on the optimizer that steps.
         engine: the engine to fence; held weakly, so the hooks never keep it alive.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, engine: Engine) -> None:
+        while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+            optimizer = optimizer.optimizer
         self._engine = weakref.ref(engine)
         self._stepped = False
         self._handles = [

@@ -322,3 +322,31 @@ def test_offload_buckets_and_cpu_math_equal_the_shards_update_bitwise(dtype, thr
         plan.copy(lambda d, n: scratch[: n * d.itemsize].view(d), None)
         plan.apply(kind, w)
         _assert_bitwise(_flats(ref), _flats(off))
+
+
+class _WrappedOptimizer(torch.optim.Optimizer):
+    """Like accelerate's AcceleratedOptimizer: an Optimizer that never ran its __init__
+    and steps the real optimizer it holds as ``.optimizer``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+
+def test_a_wrapped_optimizer_is_looked_through():
+    model = _model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt = _WrappedOptimizer(inner)
+    sync = distavg.ExponentialMovingAverage(model, momentum=0.2, optimizer=inner)
+    asyn = distavg.ExponentialMovingAverage(model, momentum=0.2, async_update=True, optimizer=opt)
+    for _ in range(5):
+        _step(model, opt, torch.randn(16, 8))
+        sync.update_parameters(model)
+        asyn.update_parameters(model)
+    assert asyn.steps == 5
+    _assert_bitwise(_flats(sync), _flats(asyn))
