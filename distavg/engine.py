@@ -146,8 +146,11 @@ class Snapshots:
             copies = {id(s): d for s, d in zip(self.srcs, self.dsts, strict=True)}
             self.out = [copies.get(id(t), t) for t in flat]
             self._key = flat
-        if self.dsts:  # one call: many BatchNorm layers mean many small buffers
-            torch._foreach_copy_(self.dsts, self.srcs, non_blocking=self.non_blocking)
+        if self.non_blocking:  # device to pinned host: one asynchronous copy each
+            for d, s in zip(self.dsts, self.srcs, strict=True):
+                d.copy_(s, non_blocking=True)
+        elif self.dsts:  # one call: many BatchNorm layers mean many small buffers
+            torch._foreach_copy_(self.dsts, self.srcs)
         return self.out
 
     @property
