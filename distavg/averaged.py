@@ -129,6 +129,7 @@ class BaseAveragedModel:
             volatile=[i for i, s in enumerate(topo.specs) if not s.is_param],
         )
         self._watch = None if optimizer is None else StepWatch(optimizer, self.engine)
+        self._closed = False
         self._module = self._build_module(model)
 
     # -- construction ---------------------------------------------------------------
@@ -202,6 +203,11 @@ class BaseAveragedModel:
         ``async_update`` the update is only enqueued; an error it raised surfaces here or
         at the next fence.
         """
+        if self._closed:
+            raise RuntimeError(
+                f"this {type(self).__name__} was closed: it takes no more updates (its "
+                f"average stays readable)"
+            )
         self._check_group()
         # Capturing first also fences the previous update and raises its error, if any.
         flat = self.engine.capture(self.topology.locals(model))
@@ -282,6 +288,7 @@ class BaseAveragedModel:
 
         Called on destruction too. The average stays readable; it takes no more updates.
         """
+        self._closed = True
         watch, self._watch = getattr(self, "_watch", None), None
         if watch is not None:
             watch.remove()

@@ -247,8 +247,18 @@ def test_close_fences_removes_hooks_and_stops_the_worker():
     assert done and not thread.is_alive()
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
     _step(model, opt, torch.randn(4, 8))
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(RuntimeError, match="StochasticWeightAverage was closed: it takes no more"):
         avg.update_parameters(model)
+
+
+def test_a_closed_synchronous_average_takes_no_more_updates_but_stays_readable():
+    model = _model()
+    avg = distavg.StochasticWeightAverage(model)
+    avg.update_parameters(model)
+    avg.close()
+    with pytest.raises(RuntimeError, match="was closed"):
+        avg.update_parameters(model)
+    assert avg.full_state_dict().keys() == model.state_dict().keys()
 
 
 def test_destruction_stops_the_worker_and_releases_the_optimizer():
