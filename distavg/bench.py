@@ -120,6 +120,18 @@ def round_robin(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
     return times
 
 
+def _summary(times: dict[str, list[float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Median and minimum seconds per method."""
+    return (
+        {k: statistics.median(v) for k, v in times.items()},
+        {k: min(v) for k, v in times.items()},
+    )
+
+
+def _load() -> str:
+    return f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}."
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f}"
 
@@ -191,20 +203,23 @@ def section_update(args: argparse.Namespace) -> str:
         "torch AveragedModel + get_ema_multi_avg_fn (foreach)": _torch_foreach(model),
         "per-tensor lerp_ loop": _per_tensor_loop(model),
     }
-    med = {k: statistics.median(v) for k, v in round_robin(fns, args.repeats).items()}
+    med, low = _summary(round_robin(fns, args.repeats))
     floor = med["bandwidth floor: one lerp_ of the same numel"]
     ours = med["distavg ExponentialMovingAverage"]
-    rows = [[name, _ms(t), f"{floor / t:.2f}", f"{t / ours:.2f}"] for name, t in med.items()]
+    rows = [
+        [name, _ms(t), _ms(low[name]), f"{floor / t:.2f}", f"{t / ours:.2f}"]
+        for name, t in med.items()
+    ]
     bw = 12 * n / floor / 1e9
     ratio = floor / ours
     out = [
         f"### Update of a GPT-2-small-like fp32 model ({n / 1e6:.1f}M parameters, "
         f"{len(list(model.parameters()))} tensors)",
         "",
-        format_table(["method", "median ms", "floor / time", "time / distavg"], rows),
+        format_table(["method", "median ms", "min ms", "floor / time", "time / distavg"], rows),
         "",
-        f"lerp_ bandwidth {bw:.1f} GB/s at 12 bytes/param. "
-        f"Target floor / distavg >= 0.90: {ratio:.2f}, {_verdict(ratio >= 0.9)}.",
+        f"lerp_ bandwidth {bw:.1f} GB/s at 12 bytes/param (medians). "
+        f"Target floor / distavg >= 0.90: {ratio:.2f}, {_verdict(ratio >= 0.9)}. {_load()}",
     ]
     return "\n".join(out)
 
@@ -217,19 +232,19 @@ def section_small(args: argparse.Namespace) -> str:
         "torch AveragedModel + get_ema_multi_avg_fn (foreach)": _torch_foreach(model),
         "per-tensor lerp_ loop": _per_tensor_loop(model),
     }
-    med = {k: statistics.median(v) for k, v in round_robin(fns, args.repeats).items()}
+    med, low = _summary(round_robin(fns, args.repeats))
     ours = med["distavg ExponentialMovingAverage"]
     loop = med["per-tensor lerp_ loop"]
-    rows = [[name, _ms(t), f"{loop / t:.2f}"] for name, t in med.items()]
+    rows = [[name, _ms(t), _ms(low[name]), f"{loop / t:.2f}"] for name, t in med.items()]
     speedup = loop / ours
     return "\n".join(
         [
             f"### Many small tensors ({tensors} tensors, {_numel(model) / 1e6:.2f}M parameters)",
             "",
-            format_table(["method", "median ms", "speed-up vs loop"], rows),
+            format_table(["method", "median ms", "min ms", "speed-up vs loop"], rows),
             "",
             f"Target distavg >= 2x faster than the per-tensor loop: {speedup:.2f}x, "
-            f"{_verdict(speedup >= 2)}.",
+            f"{_verdict(speedup >= 2)}. {_load()}",
         ]
     )
 
@@ -262,9 +277,9 @@ def section_bf16(args: argparse.Namespace) -> str:
         notes.append("Fused path not measured (--no-compile or --quick).")
     fns["bf16 -> fp32 cast then foreach lerp_"] = _cast_then_foreach(model16)
     fns["bf16 -> fp32 per-tensor cast + lerp_ loop"] = _per_tensor_loop(model16, torch.float32)
-    med = {k: statistics.median(v) for k, v in round_robin(fns, args.repeats).items()}
+    med, low = _summary(round_robin(fns, args.repeats))
     base = med["fp32 params -> fp32 average (distavg)"]
-    rows = [[name, _ms(t), f"{t / base:.2f}"] for name, t in med.items()]
+    rows = [[name, _ms(t), _ms(low[name]), f"{t / base:.2f}"] for name, t in med.items()]
     eager = med["bf16 -> fp32 distavg, eager (default)"] / base
     verdict = f"eager {eager:.2f}x, {_verdict(eager < 1)}"
     fused_key = "bf16 -> fp32 distavg, fused (DISTAVG_FUSED_UPCAST=1)"
@@ -275,10 +290,10 @@ def section_bf16(args: argparse.Namespace) -> str:
         [
             f"### bf16 parameters, fp32 average ({n / 1e6:.1f}M parameters)",
             "",
-            format_table(["method", "median ms", "time / fp32 update"], rows),
+            format_table(["method", "median ms", "min ms", "time / fp32 update"], rows),
             "",
             *notes,
-            f"Target bf16 -> fp32 faster than fp32 -> fp32 (ratio < 1): {verdict}.",
+            f"Target bf16 -> fp32 faster than fp32 -> fp32 (ratio < 1): {verdict}. {_load()}",
         ]
     )
 
@@ -389,7 +404,7 @@ def section_ranks(args: argparse.Namespace) -> str:
             ),
             "",
             "replicated: a full fp32 copy on every rank updated with one _foreach_lerp_ "
-            "(what other libraries keep). The ranks share this machine's cores.",
+            f"(what other libraries keep). The ranks share this machine's cores. {_load()}",
         ]
     )
 
@@ -481,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     print(
         f"distavg benchmark: torch {torch.__version__}, {torch.get_num_threads()} torch "
-        f"threads, {os.cpu_count()} CPUs, {args.repeats} rounds per table (medians)"
+        f"threads, {os.cpu_count()} CPUs, {args.repeats} rounds per table (medians), "
+        f"load average (1 min) {os.getloadavg()[0]:.2f}"
         f"{', --quick (smoke run)' if args.quick else ''}",
         flush=True,
     )
