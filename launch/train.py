@@ -2,10 +2,10 @@
 
     torchrun --standalone --nproc-per-node 2 launch/train.py
 
-trains a 2-layer MLP on scikit-learn's bundled digits (8x8 images of handwritten digits,
-shipped inside the package: no download) with DDP on CPU (gloo) or GPUs (NCCL), keeps an
-EMA of its weights sharded across the ranks, and evaluates the raw model and the average on
-a held-out split. It writes ``metrics.json`` and ``heldout.png`` to ``--out`` and prints
+trains an MLP (two hidden layers) on scikit-learn's bundled digits (8x8 images of
+handwritten digits, shipped inside the package: no download) with DDP or FSDP2 on CPUs
+(gloo) or GPUs (NCCL), keeps an EMA of its weights sharded across the ranks, and evaluates
+the raw model and the average on a held-out split. It writes ``metrics.json`` and ``heldout.png`` to ``--out`` and prints
 both models' held-out accuracy and loss and what averaging cost per step.
 
 The default corrupts 20% of the *training* labels (the held-out labels are never touched)
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import inspect
 import json
 import os
 import time
@@ -180,13 +179,13 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--batch-size {args.batch_size} must be a multiple of the {world} ranks")
     if (args.checkpoint_every or args.resume) and args.checkpoint_dir is None:
         p.error("--checkpoint-every and --resume need --checkpoint-dir")
-    if (
-        args.async_update
-        and "async_update" not in inspect.signature(distavg.BaseAveragedModel.__init__).parameters
-    ):
-        p.error(
-            f"--async needs asynchronous updates, which distavg {distavg.__version__} does not have"
-        )
+    if args.checkpoint_dir and not args.resume and restart_count() == 0:
+        found = latest_checkpoint(args.checkpoint_dir)
+        if found is not None:  # a fresh run would mix its checkpoints with these
+            p.error(
+                f"--checkpoint-dir {args.checkpoint_dir} already holds {found.name}: "
+                f"pass --resume to continue from it, or name an empty directory"
+            )
 
 
 def _positive(kind: type) -> Any:
@@ -311,9 +310,6 @@ def build_average(
     if args.rule == "power" and "gamma" in given:  # PowerEMA takes one of the two
         defaults = {**defaults, "sigma_rel": None}
     rule = {k: v for k, v in {**defaults, **given}.items() if v is not None}
-    extra: dict[str, Any] = {}
-    if args.async_update:
-        extra = {"async_update": True, "optimizer": optimizer}
     return cls(
         model,
         **rule,
@@ -321,7 +317,8 @@ def build_average(
         device="cpu" if args.offload else None,
         placement=args.placement,
         dtype=DTYPES[args.dtype] if args.dtype else None,
-        **extra,
+        async_update=args.async_update,
+        optimizer=optimizer,  # the fence for --async; and no update after a skipped step
     )
 
 
@@ -329,7 +326,8 @@ def build_average(
 
 
 class Progress(Stateful):
-    """Everything besides the weights that a resumed run needs to continue exactly.
+    """What a resumed run needs, besides the average, to continue exactly: the model, the
+    optimizer, the step and the evaluations so far.
 
     The data order is a function of (seed, step), so the step count restores it.
     """
@@ -401,10 +399,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 class Clock:
     """Wall time per step spent training and spent averaging.
 
-    Averaging time is the ``update_parameters`` call plus, with ``--async``, the wait at
-    the fence in the next ``optimizer.step()``: the part of the update the next
-    forward/backward did not hide. The fence is a step pre-hook the averager installs; two
-    more pre-hooks, one registered before it and one after, time exactly that wait.
+    Averaging time is the time the loop waits for averaging: the ``update_parameters``
+    call plus, with ``--async``, the wait at the fence in the next ``optimizer.step()``
+    (the part of the update the next forward/backward did not hide). The fence is a step
+    pre-hook the averager installs; two more pre-hooks, one registered before it and one
+    after, time exactly that wait. The hidden part still needs a core: where every core
+    is busy training, it shows up as slower forward/backward, so compare the step times.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:

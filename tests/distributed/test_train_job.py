@@ -179,14 +179,16 @@ def test_a_killed_rank_restarts_resumes_and_ends_with_the_uninterrupted_average(
 # -- accelerate and the multi-node script -----------------------------------------------
 
 
-def test_accelerate_cpu_spelling_runs_two_connected_ranks(tmp_path: Path) -> None:
+def test_accelerate_cpu_spelling_runs_two_connected_ranks_and_saves_every_shard(
+    tmp_path: Path,
+) -> None:
     pytest.importorskip("accelerate")
     env = _env()
     env["ACCELERATE_USE_CPU"] = "1"
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     _run(
         ["accelerate", "launch", "--multi_gpu", "--num_processes", "2",
-         "--main_process_port", "0", str(TRAIN_ACCELERATE), *SHORT,
+         "--main_process_port", "0", str(TRAIN_ACCELERATE), *SHORT, "--async",
          "--checkpoint-dir", str(ckpt), "--out", str(out)],
         tmp_path,
         env,
@@ -259,6 +261,20 @@ def test_bad_flags_are_usage_errors(
     err = capsys.readouterr().err
     assert err.startswith("usage: train.py")
     assert message in err
+
+
+def test_a_fresh_run_into_a_used_checkpoint_dir_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "step-000040").mkdir()
+    (tmp_path / "step-000040" / ".metadata").write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        job.parse_args(["--checkpoint-dir", str(tmp_path)])
+    assert e.value.code == 2
+    assert f"--checkpoint-dir {tmp_path} already holds step-000040: pass --resume" in (
+        capsys.readouterr().err
+    )
+    assert job.parse_args(["--checkpoint-dir", str(tmp_path), "--resume"]).resume
 
 
 def test_bad_flag_on_the_command_line_exits_with_usage(tmp_path: Path) -> None:
