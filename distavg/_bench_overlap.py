@@ -39,8 +39,8 @@ MOMENTUM = 2e-4
 class Config:
     width: int = 2048
     batch: int = 64
-    rounds: int = 9
-    steps: int = 6
+    rounds: int = 15
+    steps: int = 4
 
 
 QUICK = Config(width=512, batch=32, rounds=3, steps=3)
@@ -148,6 +148,7 @@ def overlap_table(quick: bool = False) -> str:
     """The overlap section (see the module docstring): a Markdown table and notes."""
     cfg = QUICK if quick else Config()
     params = sum(p.numel() for p in _model(cfg.width).parameters())
+    load_before = os.getloadavg()[0]
     measured = [
         ("1 process", _one_process(cfg)),
         ("2 ranks (DDP, gloo)", _two_ranks(cfg)),
@@ -197,7 +198,9 @@ def overlap_table(quick: bool = False) -> str:
             f"an MLP (batch {cfg.batch}), then update_parameters; hidden = (sync - async) / "
             f"(sync - none). Medians of {cfg.rounds} rounds, the three timed in turn each "
             f"round, {cfg.steps} steps per block in the steady state (each timed step "
-            f"contains (sync) or overlaps (async) exactly one update).",
+            f"contains (sync) or overlaps (async) exactly one update). Load average of "
+            f"the machine (other work included): {load_before:.1f} before, "
+            f"{os.getloadavg()[0]:.1f} after; above 1 the worker has no free core either.",
         ]
     )
 
