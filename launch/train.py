@@ -79,6 +79,12 @@ def parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("training")
     g.add_argument("--parallel", choices=("ddp", "fsdp2"), default="ddp")
+    g.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: a GPU per process where there are enough, else CPU",
+    )
     g.add_argument("--epochs", type=_positive(int), default=10)
     g.add_argument(
         "--steps", type=_positive(int), help="total optimizer steps (overrides --epochs)"
@@ -174,6 +180,9 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 f"{flag} does not apply to --rule {args.rule} (it takes: "
                 f"{', '.join('--' + t.replace('_', '-') for t in takes) or 'nothing'})"
             )
+    local_world, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
+    if args.device == "cuda" and gpus < local_world:
+        p.error(f"--device cuda needs a GPU per process: {local_world} here, {gpus} GPUs")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world:
         p.error(f"--batch-size {args.batch_size} must be a multiple of the {world} ranks")
@@ -209,12 +218,14 @@ def _fraction(text: str) -> float:
 # -- building -----------------------------------------------------------------------------
 
 
-def setup_distributed() -> torch.device:
+def setup_distributed(args: argparse.Namespace) -> torch.device:
     """One process group for the job: NCCL for GPUs (plus gloo for CPU tensors), gloo on CPU.
 
     Started without torchrun, the job is a group of one.
     """
-    if torch.cuda.is_available():
+    # auto: GPUs when every process on this node gets one of its own, else the CPUs
+    gpus, local_world = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if args.device == "cuda" or (args.device == "auto" and gpus >= local_world):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
         backend = "cpu:gloo,cuda:nccl"  # gloo for an offloaded (CPU) average's checkpoints
@@ -608,7 +619,7 @@ def plot(history: list[dict[str, float]], path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     # 1. config and process group
     args = parse_args(argv)
-    device = setup_distributed()
+    device = setup_distributed(args)
 
     # 2. data, model, optimizer, the average
     data = load_data(args, device)

@@ -5,7 +5,8 @@
     accelerate launch --config_file launch/accelerate/gpu_ddp.yaml launch/accelerate/train_accelerate.py
     accelerate launch --config_file launch/accelerate/fsdp2.yaml launch/accelerate/train_accelerate.py
 
-Same flags as ``train.py`` except ``--parallel``: the accelerate config picks DDP or FSDP2.
+Same flags as ``train.py`` except ``--parallel`` and ``--device``: the accelerate config
+picks DDP or FSDP2, CPU or GPU.
 What differs from ``train.py`` is only the plumbing accelerate owns: ``prepare`` wraps the
 model, ``accelerator.backward`` runs backward, ``save_state``/``load_state`` write and
 read checkpoints. The average joins those with two lines::
@@ -57,10 +58,10 @@ def main(argv: list[str] | None = None) -> None:
 
     p = job.parser()
     p.prog = "train_accelerate.py"
-    p.set_defaults(parallel=None)
+    p.set_defaults(parallel=None, device=None)
     args = job.parse_args(argv, p)
-    if args.parallel is not None:
-        p.error("--parallel is not used here: the accelerate config picks DDP or FSDP2")
+    if args.parallel is not None or args.device is not None:
+        p.error("--parallel and --device are not used here: the accelerate config picks them")
 
     # 1. accelerate sets up the processes; one process still gets a group of one
     accelerator = Accelerator()

@@ -263,6 +263,17 @@ def test_bad_flags_are_usage_errors(
     assert message in err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_gpus_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        job.parse_args(["--device", "cuda"])
+    assert e.value.code == 2
+    assert "--device cuda needs a GPU per process: 2 here, 0 GPUs" in capsys.readouterr().err
+
+
 def test_a_fresh_run_into_a_used_checkpoint_dir_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
