@@ -460,7 +460,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--repeats",
         type=int,
         default=None,
-        help="timed rounds per table (default 15, 3 with --quick)",
+        help="timed rounds per table (default 21, 3 with --quick)",
     )
     p.add_argument(
         "--threads",
@@ -481,7 +481,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--sections got {unknown}; choose from {','.join(SECTIONS)}")
     args.sections = chosen
     if args.repeats is None:
-        args.repeats = 3 if args.quick else 15
+        args.repeats = 3 if args.quick else 21
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.compile is None:
