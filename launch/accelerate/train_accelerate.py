@@ -67,6 +67,15 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = Accelerator()
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if dist.get_world_size() != accelerator.num_processes:
+        # The processes share a process group but accelerate treats each as a job of its
+        # own: prepare() would not wrap the model, and the ranks would train apart.
+        raise SystemExit(
+            f"accelerate started {dist.get_world_size()} processes but sees "
+            f"{accelerator.num_processes} (distributed_type "
+            f"{accelerator.distributed_type.value}); on CPU set ACCELERATE_USE_CPU=1 and "
+            f"launch with --multi_gpu or --config_file launch/accelerate/cpu.yaml"
+        )
     args.parallel = accelerator.distributed_type.value.lower()
 
     # 2. data, model, optimizer (prepared by accelerate), the average

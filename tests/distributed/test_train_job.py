@@ -196,6 +196,9 @@ def test_accelerate_cpu_spelling_runs_two_connected_ranks_and_saves_every_shard(
 
     m = metrics(out)
     assert m["world_size"] == 2 and m["steps"] == 6
+    # One job of 2 ranks to accelerate too: it wrapped the model in DDP.
+    assert m["config"]["parallel"] == "multi_cpu"
+    assert "topology='ddp'" in m["averager"]
     state = ckpt / "step-000006"
     # save_state wrote every rank's shard of the average, beside accelerate's own files.
     assert {p.name for p in (state / "distavg").glob("*.distcp")} == {
