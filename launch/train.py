@@ -643,7 +643,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 5. report and close
     report(args, ema, progress, clock, len(data.y_test))
-    ema.wait()
+    ema.close()  # waits for the last update, stops the worker, removes the fence
     dist.barrier()  # before destroy_process_group, or gloo may abort at exit
     dist.destroy_process_group()
 

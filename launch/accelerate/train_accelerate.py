@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         backward=accelerator.backward, save=save,
     )  # fmt: skip
     job.report(args, ema, progress, clock, len(data.y_test))
-    ema.wait()
+    ema.close()  # waits for the last update, stops the worker, removes the fence
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys accelerate's process group
     if dist.is_initialized():  # the group of one made above
