@@ -180,7 +180,6 @@ class OffloadPlan:
             b.event = event()
             for d, (_, regions) in b.copies.items():
                 self.regions[(id(b), d)] = host[d][regions[0][0] : regions[-1][1]]
-        self.device_bytes = max((b.nbytes for b in self.buckets), default=0)
 
     def copy(self, scratch: Callable[[torch.dtype, int], torch.Tensor], stream: object) -> None:
         """Issue every bucket's copies on the current (side) stream; record its event."""
