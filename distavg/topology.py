@@ -110,6 +110,8 @@ class Topology:
         self._cache: tuple[tuple, list[torch.Tensor]] | None = None
         self._owners: tuple[nn.Module, list[nn.Module | None]] | None = None
         self._unwrapped: tuple[nn.Module, nn.Module] | None = None
+        self._homes: list[dict] = []
+        self._attrs = [s.attr for s in self.specs]
         self.locals(model)  # validates devices and primes the cache
 
     def _check_fsdp2(self, spec: TensorSpec, t: DTensor) -> None:
@@ -141,11 +143,15 @@ class Topology:
         module = self._unwrapped[1]
         if self._owners is None or self._owners[0] is not module:
             mods = dict(module.named_modules(remove_duplicate=False))
-            self._owners = (module, [mods.get(s.owner) for s in self.specs])
-        current = [
-            None if m is None else (m._parameters if s.is_param else m._buffers).get(s.attr)
-            for s, m in zip(self.specs, self._owners[1], strict=True)
-        ]
+            owners = [mods.get(s.owner) for s in self.specs]
+            self._owners = (module, owners)
+            # The dict holding each tensor (a module mutates it, never replaces it): found
+            # once, read every step at C speed.
+            self._homes = [
+                {} if m is None else m._parameters if s.is_param else m._buffers
+                for s, m in zip(self.specs, owners, strict=True)
+            ]
+        current = list(map(dict.get, self._homes, self._attrs))
         key = _identity(current, self.mesh is None)
         if key is not None and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
