@@ -114,7 +114,7 @@ def test_offload_holds_one_bucket_on_the_gpu_and_two_shards_pinned():
     assert all(g.flat.is_pinned() for g in avg.shards.groups.values())
 
 
-def test_side_stream_update_overlaps_and_fences_with_a_bf16_model_and_fp32_average():
+def test_async_equals_sync_bitwise_with_bf16_params_and_fp32_average():
     model = _model().to(torch.bfloat16)
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     sync = distavg.ExponentialMovingAverage(model, dtype=torch.float32, optimizer=opt)
