@@ -50,9 +50,7 @@ class ChunkComm:
             self.sizes[dtype] = self.sizes.get(dtype, 0) + slot
 
     def _pack(self, chunks: Sequence[torch.Tensor]) -> dict[torch.dtype, torch.Tensor]:
-        flats = {
-            d: torch.zeros(n, dtype=d, device=self.device) for d, n in self.sizes.items()
-        }
+        flats = {d: torch.zeros(n, dtype=d, device=self.device) for d, n in self.sizes.items()}
         for i, c in enumerate(chunks):
             if c.numel():
                 flats[self.dtypes[i]][self.offsets[i] : self.offsets[i] + c.numel()].copy_(

@@ -90,12 +90,12 @@ class BaseAveragedModel:
                 "the update is fenced before the optimizer's next step() by a step pre-hook"
             )
         self.topology = topo = Topology(model)
-        if isinstance(owner_rank, bool) or not isinstance(owner_rank, int) or not (
-            0 <= owner_rank < topo.world
+        if (
+            isinstance(owner_rank, bool)
+            or not isinstance(owner_rank, int)
+            or not (0 <= owner_rank < topo.world)
         ):
-            raise ValueError(
-                f"owner_rank must be a rank in [0, {topo.world}), got {owner_rank!r}"
-            )
+            raise ValueError(f"owner_rank must be a rank in [0, {topo.world}), got {owner_rank!r}")
         self.interval = interval
         self.update_buffers = update_buffers
         self.placement = placement

@@ -257,13 +257,20 @@ class Swap:
         owner = topo.rank == avg.owner_rank
         if self.replicated:
             if owner:
-                _copy([self.flat[i] for i in self.replicated],
-                      [avg.shards.views[i] for i in self.replicated])
+                _copy(
+                    [self.flat[i] for i in self.replicated],
+                    [avg.shards.views[i] for i in self.replicated],
+                )
             broadcast_tensors([self.flat[i] for i in self.replicated], avg.owner_rank)
         if self.sharded:
             slots = [avg.shards.slots[i] for i in self.sharded]
-            comm = ChunkComm([s.shape for s in slots], [s.dtype for s in slots],
-                             topo.world, topo.rank, avg.device)
+            comm = ChunkComm(
+                [s.shape for s in slots],
+                [s.dtype for s in slots],
+                topo.world,
+                topo.rank,
+                avg.device,
+            )
             fulls = [avg.shards.views[i] for i in self.sharded] if owner else None
             mine = comm.scatter(fulls, avg.owner_rank)
             _copy([self.chunks[i] for i in self.sharded], mine)
@@ -277,8 +284,9 @@ class Swap:
         if topo.world == 1 or not self.replicated:
             return
         specs = [topo.specs[i] for i in self.replicated]
-        comm = ChunkComm([s.shape for s in specs], [s.dtype for s in specs],
-                         topo.world, topo.rank, topo.device)
+        comm = ChunkComm(
+            [s.shape for s in specs], [s.dtype for s in specs], topo.world, topo.rank, topo.device
+        )
         pieces = comm.all_gather([self.chunks[i] for i in self.replicated])
         for i, p in zip(self.replicated, pieces, strict=True):
             if p:

@@ -68,8 +68,10 @@ class ExponentialMovingAverage(BaseAveragedModel):
 
 
 def _check_momentum(momentum: float) -> None:
-    if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not (
-        0.0 < momentum < 1.0
+    if (
+        isinstance(momentum, bool)
+        or not isinstance(momentum, int | float)
+        or not (0.0 < momentum < 1.0)
     ):
         raise ValueError(f"momentum must be in (0, 1), got {momentum!r}")
     if momentum > 0.5:
@@ -149,8 +151,11 @@ class WarmupEMA(BaseAveragedModel):
 
     def hparams(self) -> dict[str, Any]:
         return {
-            **super().hparams(), "decay": self.decay, "inv_gamma": self.inv_gamma,
-            "power": self.power, "min_decay": self.min_decay,
+            **super().hparams(),
+            "decay": self.decay,
+            "inv_gamma": self.inv_gamma,
+            "power": self.power,
+            "min_decay": self.min_decay,
         }
 
 

@@ -244,4 +244,3 @@ def _specs(module: nn.Module) -> tuple[list[TensorSpec], list[torch.Tensor]]:
 
 def _with_alias(spec: TensorSpec, key: str) -> TensorSpec:
     return TensorSpec(**{**spec.__dict__, "aliases": (*spec.aliases, key)})
-
