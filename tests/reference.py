@@ -83,3 +83,31 @@ def train_forward(model: nn.Module, step: int) -> None:
     for m in model.modules():  # as after a backward: FSDP2 parameters sharded again
         if isinstance(m, FSDPModule):
             m.reshard()
+
+
+def wrap(kind: str, model: nn.Module, world: int) -> nn.Module:
+    """``model`` under DDP (``kind="ddp"``) or FSDP2 (each Linear and the root sharded)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if kind == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def all_rules() -> list[tuple[type, dict]]:
+    """One instance of every rule with parameters that make each update visible."""
+    import distavg
+
+    return [
+        (distavg.StochasticWeightAverage, {}),
+        (distavg.ExponentialMovingAverage, {"momentum": 0.1}),
+        (distavg.MomentumAnnealingEMA, {"momentum": 0.01, "gamma": 10}),
+        (distavg.WarmupEMA, {"decay": 0.99}),
+        (distavg.PowerEMA, {"sigma_rel": 0.1}),
+        (distavg.HalfLifeEMA, {"half_life": 5.0}),
+    ]

@@ -6,21 +6,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
+from reference import all_rules, wrap
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
-import distavg
 from distavg.engine import SyncEngine, WorkerEngine
 
-RULES = [
-    (distavg.StochasticWeightAverage, {}),
-    (distavg.ExponentialMovingAverage, {"momentum": 0.1}),
-    (distavg.MomentumAnnealingEMA, {"momentum": 0.01, "gamma": 10}),
-    (distavg.WarmupEMA, {"decay": 0.99}),
-    (distavg.PowerEMA, {"sigma_rel": 0.1}),
-    (distavg.HalfLifeEMA, {"half_life": 5.0}),
-]
+RULES = all_rules()
 STEPS = 22
 SKIPPED = 9  # no optimizer step at this iteration: its update_parameters must not count
 
@@ -34,20 +25,10 @@ def _model() -> nn.Module:
     )
 
 
-def _wrap(kind: str, model: nn.Module, world: int) -> nn.Module:
-    if kind == "ddp":
-        return nn.parallel.DistributedDataParallel(model)
-    mesh = init_device_mesh("cpu", (world,))
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
-
-
 def _body(rank: int, world: int) -> None:
     for kind in ("ddp", "fsdp2"):
         for placement in ("sharded", "owner"):
-            model = _wrap(kind, _model(), world)
+            model = wrap(kind, _model(), world)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
             pairs = []
             for r, (cls, kw) in enumerate(RULES):

@@ -12,11 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from dist_utils import run_distributed
-from reference import perturb, small_model, train_forward
+from reference import perturb, small_model, train_forward, wrap
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
 import distavg
 from distavg.export import export_checkpoint, read_checkpoint
@@ -181,16 +179,6 @@ RULES = [
 ]
 
 
-def _wrap(kind: str, model: nn.Module, world: int) -> nn.Module:
-    if kind == "ddp":
-        return nn.parallel.DistributedDataParallel(model)
-    mesh = init_device_mesh("cpu", (world,))
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
-
-
 def _train(model, optim, avgs, start: int, stop: int) -> None:
     model.train()
     for s in range(start, stop):
@@ -206,7 +194,7 @@ def _train(model, optim, avgs, start: int, stop: int) -> None:
 
 
 def _run(kind: str, world: int, seed: int, async_update: bool = False):
-    model = _wrap(kind, small_model(seed), world)
+    model = wrap(kind, small_model(seed), world)
     optim = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     mode = {"async_update": True, "optimizer": optim} if async_update else {}
     avgs = [cls(model, **kw, **mode) for cls, kw in RULES]

@@ -7,22 +7,10 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
-from reference import ReferenceAverage, perturb, small_model, train_forward
+from reference import ReferenceAverage, perturb, small_model, train_forward, wrap
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
 import distavg
-
-
-def _wrap(kind: str, model: nn.Module, world: int) -> nn.Module:
-    if kind == "ddp":
-        return nn.parallel.DistributedDataParallel(model)
-    mesh = init_device_mesh("cpu", (world,))
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
 
 
 def _full_live_state(kind: str, wrapped: nn.Module) -> dict[str, torch.Tensor]:
@@ -52,7 +40,7 @@ def _core_body(rank: int, world: int) -> None:
     for kind in ("ddp", "fsdp2"):
         for placement in ("sharded", "owner"):
             for cls, kw, interval, update_buffers, weight in CASES:
-                model = _wrap(kind, small_model(), world)
+                model = wrap(kind, small_model(), world)
                 avg = cls(
                     model,
                     interval=interval,

@@ -7,20 +7,14 @@ import threading
 
 import pytest
 import torch
+from reference import all_rules
 from torch import nn
 
 import distavg
 from distavg._device import OffloadPlan
 from distavg.engine import StepWatch, SyncEngine, WorkerEngine
 
-RULES = [
-    (distavg.StochasticWeightAverage, {}),
-    (distavg.ExponentialMovingAverage, {"momentum": 0.1}),
-    (distavg.MomentumAnnealingEMA, {"momentum": 0.01, "gamma": 10}),
-    (distavg.WarmupEMA, {"decay": 0.99}),
-    (distavg.PowerEMA, {"sigma_rel": 0.1}),
-    (distavg.HalfLifeEMA, {"half_life": 5.0}),
-]
+RULES = all_rules()
 
 
 def _model(seed: int = 0) -> nn.Module:
