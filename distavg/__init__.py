@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._kernels import set_fused_upcast
 from .averaged import BaseAveragedModel
 from .rules import (
     ExponentialMovingAverage,
@@ -24,5 +25,6 @@ __all__ = [
     "StochasticWeightAverage",
     "WarmupEMA",
     "__version__",
+    "set_fused_upcast",
     "sigma_rel_to_gamma",
 ]

@@ -109,6 +109,10 @@ class BaseAveragedModel:
             self.device,
             pin=self.device.type == "cpu" and topo.device.type != "cpu",
         )
+        low = (torch.bfloat16, torch.float16)  # checked on every averaging call: found once
+        self._low_dtypes = list(
+            dict.fromkeys(s.dtype for s in self.shards.slots if s.averaged and s.dtype in low)
+        )
         # The owner push runs on a group of its own, so that (possibly deferred) it never
         # interleaves with the training's collectives.
         self._group = dist.new_group() if self._gathers else None
@@ -244,7 +248,7 @@ class BaseAveragedModel:
             la, _ = topo.local_bounds(i)
             if not slot.pieces:
                 sources.append([])
-            elif topo.specs[i].sharded and gathered is not None and self._gathers:
+            elif gathered is not None and topo.specs[i].sharded:
                 sources.append(gathered[i])
             else:
                 sources.append([flat[i][slot.start - la : slot.end - la]])
@@ -262,11 +266,6 @@ class BaseAveragedModel:
     def _check_precision(self, w: float) -> None:
         if self._warned_precision:
             return
-        if not hasattr(self, "_low_dtypes"):  # found once: this runs on every averaging call
-            low = (torch.bfloat16, torch.float16)
-            self._low_dtypes = list(
-                dict.fromkeys(s.dtype for s in self.shards.slots if s.averaged and s.dtype in low)
-            )
         for dtype in self._low_dtypes:
             eps = torch.finfo(dtype).eps
             if w < eps:
