@@ -107,7 +107,7 @@ def test_default_job_trains_evaluates_and_writes_metrics_and_plot(tmp_path: Path
     assert "averaging overhead:" in out and "ms/step (sync)" in out
 
 
-# -- every parallel/placement/mode pair ------------------------------------------------
+# -- every parallel x placement x mode combination -------------------------------------
 
 COMBOS = {
     "ddp-sharded-sync": ["--parallel", "ddp", "--placement", "sharded", "--rule", "ema",
@@ -118,6 +118,14 @@ COMBOS = {
                             "--rule", "warmup", "--decay", "0.9"],
     "fsdp2-owner-sync": ["--parallel", "fsdp2", "--placement", "owner", "--rule", "halflife",
                          "--half-life", "4", "--dtype", "bfloat16"],
+    "ddp-sharded-async": ["--parallel", "ddp", "--placement", "sharded", "--async",
+                          "--rule", "power", "--sigma-rel", "0.1"],
+    "ddp-owner-sync": ["--parallel", "ddp", "--placement", "owner", "--rule", "annealing",
+                       "--interval", "3"],
+    "fsdp2-sharded-sync": ["--parallel", "fsdp2", "--placement", "sharded", "--offload",
+                           "--rule", "ema", "--momentum", "0.05"],
+    "fsdp2-owner-async": ["--parallel", "fsdp2", "--placement", "owner", "--async",
+                          "--rule", "annealing", "--momentum", "0.05"],
 }  # fmt: skip
 SHORT = ["--steps", "6", "--eval-every", "3", "--checkpoint-every", "3"]
 
