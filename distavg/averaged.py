@@ -141,10 +141,16 @@ class BaseAveragedModel:
     def _slots(self, dtype: torch.dtype | None) -> list[Slot]:
         topo, slots = self.topology, []
         for i, spec in enumerate(topo.specs):
-            if self.placement == "owner" and topo.world > 1:
-                start, end = (0, spec.shape.numel()) if topo.rank == self.owner_rank else (0, 0)
-            else:
+            # Buffers are replicated but not identical across ranks (each rank's forward
+            # updates its own BatchNorm statistics; DDP broadcasts rank 0's before the next
+            # forward): the owner's are the ones averaged, as a whole.
+            chunked = topo.world == 1 or (
+                self.placement == "sharded" and (spec.is_param or spec.sharded)
+            )
+            if chunked:
                 start, end = chunk_bounds(spec.shape, topo.world, topo.rank)
+            else:
+                start, end = (0, spec.shape.numel()) if topo.rank == self.owner_rank else (0, 0)
             la, lb = topo.local_bounds(i)
             if la <= start and end <= lb:
                 pieces = (end - start,) if end > start else ()
@@ -162,6 +168,7 @@ class BaseAveragedModel:
                     src_dtype=spec.dtype,
                     averaged=floating and (spec.is_param or self.update_buffers),
                     pieces=pieces,
+                    chunked=chunked,
                 )
             )
         return slots

@@ -382,6 +382,7 @@ def _rank_worker(
         dist.all_gather_object(gathered, results)
         if rank == 0:
             Path(out).write_text(json.dumps(gathered))
+        dist.barrier()  # before destroy_process_group, or gloo may abort at exit
     finally:
         dist.destroy_process_group()
 

@@ -101,7 +101,7 @@ def state_dict(avg: BaseAveragedModel) -> dict[str, Any]:
     tensors: dict[str, torch.Tensor] = {}
     mesh = _mesh(avg) if _sharded(avg) else None
     for slot, view in zip(avg.shards.slots, _snapshot(avg.shards), strict=True):
-        if mesh is not None and len(slot.shape) > 0:
+        if mesh is not None and slot.chunked and len(slot.shape) > 0:
             tensors[slot.key] = DTensor.from_local(
                 view,
                 mesh,
@@ -201,23 +201,27 @@ def _local_source(slot: Slot, src: Any, avg: BaseAveragedModel) -> torch.Tensor:
 
 
 def full_state_dict(avg: BaseAveragedModel) -> dict[str, torch.Tensor]:
-    """The whole average on ``owner_rank`` (see ``BaseAveragedModel.full_state_dict``)."""
+    """The whole average on ``owner_rank`` (see ``BaseAveragedModel.full_state_dict``).
+
+    Chunked tensors of a sharded average are gathered (one collective per dtype); the
+    others the owner holds whole.
+    """
     topo, shards = avg.topology, avg.shards
+    owner = topo.rank == avg.owner_rank
+    fulls = [shards.view(i).clone() if owner else None for i in range(len(shards.slots))]
     if _sharded(avg):
+        chunked = [i for i, s in enumerate(shards.slots) if s.chunked]
         comm = ChunkComm(
-            [s.shape for s in shards.slots],
-            [s.dtype for s in shards.slots],
+            [shards.slots[i].shape for i in chunked],
+            [shards.slots[i].dtype for i in chunked],
             topo.world,
             topo.rank,
             avg.device,
         )
-        pieces = comm.gather(shards.views, avg.owner_rank)
-        if pieces is None:
-            return {}
-        fulls = [torch.cat(p).view(s.shape) for p, s in zip(pieces, shards.slots, strict=True)]
-    elif topo.rank == avg.owner_rank or topo.world == 1:
-        fulls = [shards.view(i).clone() for i in range(len(shards.slots))]
-    else:
+        pieces = comm.gather([shards.views[i] for i in chunked], avg.owner_rank)
+        for i, p in zip(chunked, pieces or [], strict=False):
+            fulls[i] = torch.cat(p).view(shards.slots[i].shape)
+    if not owner:
         return {}
     out = {}
     for spec, t in zip(topo.specs, fulls, strict=True):
@@ -227,11 +231,16 @@ def full_state_dict(avg: BaseAveragedModel) -> dict[str, torch.Tensor]:
 
 
 class Swap:
-    """Exchanges the live model's values with the average and back (see ``swapped``).
+    """Puts the average into the live model and its own values back (see ``swapped``).
 
-    Each rank backs up only its ``Shard(0)`` chunk of every live tensor. Replicated
-    (DDP) tensors are rebuilt whole from every rank's chunk with one all-gather per dtype,
-    both on entry (the average) and on exit (the backup); FSDP2 shards need no collective.
+    Into the live tensors, by where the average of each lives:
+      * a chunk on every rank: each rank writes its chunk; replicated (DDP) tensors are
+        then rebuilt whole with one all-gather per dtype; FSDP2 shards need nothing more;
+      * whole on the owner: the owner writes it and broadcasts it (replicated tensors), or
+        scatters its chunks (FSDP2 shards).
+    Back, by what the live tensors are: parameters are identical on every rank (DDP) or
+    sharded (FSDP2), so each rank backs up only its chunk and replicated ones are rebuilt
+    with an all-gather; buffers may differ across ranks, so each rank backs up its own.
     """
 
     def __init__(self, avg: BaseAveragedModel, model: nn.Module) -> None:
@@ -244,26 +253,30 @@ class Swap:
             a, b = chunk_bounds(spec.shape, topo.world, topo.rank)
             la, _ = topo.local_bounds(i)
             self.chunks.append(self.flat[i][a - la : b - la])
-        self.replicated = [i for i, s in enumerate(topo.specs) if not s.sharded]
-        self.sharded = [i for i, s in enumerate(topo.specs) if s.sharded]
+        specs, slots = topo.specs, avg.shards.slots
+        n = range(len(specs))
+        self.chunked = [i for i in n if slots[i].chunked]
+        self.broadcast = [i for i in n if not slots[i].chunked and not specs[i].sharded]
+        self.scatter = [i for i in n if not slots[i].chunked and specs[i].sharded]
+        self.own = [i for i in n if not specs[i].is_param and not specs[i].sharded]
+        self.rebuilt = [i for i in n if specs[i].is_param and not specs[i].sharded]
+
+    def _backup_of(self, i: int) -> torch.Tensor:
+        return self.flat[i] if i in self._own else self.chunks[i]
 
     def enter(self) -> None:
         avg, topo = self.avg, self.avg.topology
-        self.backup = [c.clone() for c in self.chunks]
-        if avg.placement == "sharded" or topo.world == 1:
-            _copy(self.chunks, avg.shards.views)
-            self._rebuild_replicated()
-            return
-        owner = topo.rank == avg.owner_rank
-        if self.replicated:
+        views, owner = avg.shards.views, topo.rank == avg.owner_rank
+        self._own = set(self.own)
+        self.backup = [self._backup_of(i).clone() for i in range(len(self.flat))]
+        _copy([self.chunks[i] for i in self.chunked], [views[i] for i in self.chunked])
+        self._all_gather([i for i in self.chunked if not topo.specs[i].sharded])
+        if self.broadcast and topo.world > 1:
             if owner:
-                _copy(
-                    [self.flat[i] for i in self.replicated],
-                    [avg.shards.views[i] for i in self.replicated],
-                )
-            broadcast_tensors([self.flat[i] for i in self.replicated], avg.owner_rank)
-        if self.sharded:
-            slots = [avg.shards.slots[i] for i in self.sharded]
+                _copy([self.flat[i] for i in self.broadcast], [views[i] for i in self.broadcast])
+            broadcast_tensors([self.flat[i] for i in self.broadcast], avg.owner_rank)
+        if self.scatter:
+            slots = [avg.shards.slots[i] for i in self.scatter]
             comm = ChunkComm(
                 [s.shape for s in slots],
                 [s.dtype for s in slots],
@@ -271,24 +284,24 @@ class Swap:
                 topo.rank,
                 avg.device,
             )
-            fulls = [avg.shards.views[i] for i in self.sharded] if owner else None
-            mine = comm.scatter(fulls, avg.owner_rank)
-            _copy([self.chunks[i] for i in self.sharded], mine)
+            mine = comm.scatter([views[i] for i in self.scatter] if owner else None, avg.owner_rank)
+            _copy([self.chunks[i] for i in self.scatter], mine)
 
     def exit(self) -> None:
-        _copy(self.chunks, self.backup)
-        self._rebuild_replicated()
+        _copy([self._backup_of(i) for i in range(len(self.flat))], self.backup)
+        self._all_gather(self.rebuilt)
 
-    def _rebuild_replicated(self) -> None:
+    def _all_gather(self, indices: list[int]) -> None:
+        """Rebuild the whole live tensors ``indices`` from every rank's chunk."""
         topo = self.avg.topology
-        if topo.world == 1 or not self.replicated:
+        if topo.world == 1 or not indices:
             return
-        specs = [topo.specs[i] for i in self.replicated]
+        specs = [topo.specs[i] for i in indices]
         comm = ChunkComm(
             [s.shape for s in specs], [s.dtype for s in specs], topo.world, topo.rank, topo.device
         )
-        pieces = comm.all_gather([self.chunks[i] for i in self.replicated])
-        for i, p in zip(self.replicated, pieces, strict=True):
+        pieces = comm.all_gather([self.chunks[i] for i in indices])
+        for i, p in zip(indices, pieces, strict=True):
             if p:
                 torch.cat(p, out=self.flat[i])
 

@@ -99,6 +99,8 @@ class Slot:
         averaged: lerped on averaging calls; otherwise copied from the source on every call.
         pieces: lengths of the source pieces that fill ``[start, end)`` in order (one piece
             unless the region is assembled from several ranks).
+        chunked: the region is this rank's ``Shard(0)`` chunk (one process: the whole
+            tensor); otherwise one rank keeps the whole tensor and the others nothing.
     """
 
     key: str
@@ -109,6 +111,7 @@ class Slot:
     src_dtype: torch.dtype
     averaged: bool
     pieces: tuple[int, ...]
+    chunked: bool = True
 
     @property
     def numel(self) -> int:

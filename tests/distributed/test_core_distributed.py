@@ -105,6 +105,32 @@ def _core_body(rank: int, world: int) -> None:
                     assert torch.equal(avg.module[0].weight, full["0.weight"])
 
 
+def _rank_local_buffers(rank: int, world: int) -> None:
+    """Each rank's forward updates its own BatchNorm statistics: the average keeps the
+    owner's, and swapped gives every rank its own back."""
+    for kind in ("ddp", "fsdp2"):
+        for placement in ("sharded", "owner"):
+            model = wrap(kind, small_model(), world)
+            avg = distavg.ExponentialMovingAverage(model, momentum=0.3, placement=placement)
+            for step in range(3):
+                perturb(model, step)
+                train_forward(model, step + 100 * rank)  # another batch on every rank
+                avg.update_parameters(model)
+            own = _full_live_state(kind, model)
+            full = avg.full_state_dict()
+            if rank == 0:
+                for k in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+                    assert torch.equal(full[k], own[k]), (kind, placement, k)
+            with avg.swapped(model):
+                inside = _full_live_state(kind, model)
+            gathered = [None] * world
+            dist.all_gather_object(gathered, inside["1.running_mean"])
+            assert all(torch.equal(g, gathered[0]) for g in gathered), "one average everywhere"
+            after = _full_live_state(kind, model)
+            for k in own:
+                assert torch.equal(own[k], after[k]), f"restore {kind}/{placement} {k}"
+
+
 def _errors_body(rank: int, world: int) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -123,7 +149,7 @@ def _errors_body(rank: int, world: int) -> None:
     ddp = nn.parallel.DistributedDataParallel(small_model())
     avg = distavg.ExponentialMovingAverage(ddp, momentum=0.5)
     avg.update_parameters(ddp)
-    before = {k: v.clone() for k, v in avg.shards.views and enumerate(avg.shards.views)}
+    before = {i: v.clone() for i, v in enumerate(avg.shards.views)}
     dist.barrier()
     dist.destroy_process_group()
     for call in (lambda: avg.update_parameters(ddp), avg.full_state_dict):
@@ -137,9 +163,14 @@ def _errors_body(rank: int, world: int) -> None:
         assert torch.equal(v, avg.shards.views[i])
 
 
+def _core_and_buffers(rank: int, world: int) -> None:
+    _core_body(rank, world)
+    _rank_local_buffers(rank, world)
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_and_owner_match_single_process(world, tmp_path):
-    run_distributed(_core_body, world, tmp_path)
+    run_distributed(_core_and_buffers, world, tmp_path)
 
 
 def test_distributed_errors(tmp_path):
