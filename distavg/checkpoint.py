@@ -11,9 +11,9 @@
 Each averaged tensor appears under its model key as
   * a ``Shard(0)`` DTensor over all ranks when the average is sharded across ranks, so
     DCP writes each chunk once and can load it into any world size;
-  * a plain tensor where one rank holds it whole (owner placement, one process, or a
-    0-dim tensor), and is absent on the ranks that hold nothing: DCP then writes it from
-    the one rank that has it.
+  * a plain tensor where one rank holds it whole (owner placement, one process, a 0-dim
+    tensor, or a buffer: ranks' buffers differ, the owner's are kept), and is absent on
+    the ranks that hold nothing: DCP then writes it from the one rank that has it.
 The metadata entries are strings rather than nested dicts so that DCP stores each as one
 opaque value: a checkpoint made with another rule then loads its metadata and fails our
 check with a clear message, instead of failing DCP's key matching on ``rule.momentum``.
