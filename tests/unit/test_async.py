@@ -140,12 +140,13 @@ class _Gate:
         threading.Timer(seconds, self.release.set).start()
 
 
-def test_swapped_during_inflight_update_sees_the_finished_update():
+def _inflight_pair(lr: float, warm_steps: int):
+    """A sync and an async EMA of one model; the async one's last update is held in flight."""
     model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
     sync = distavg.ExponentialMovingAverage(model, momentum=0.3, optimizer=opt)
     asyn = distavg.ExponentialMovingAverage(model, momentum=0.3, async_update=True, optimizer=opt)
-    for _ in range(3):
+    for _ in range(warm_steps):
         _step(model, opt, torch.randn(16, 8))
         sync.update_parameters(model)
         asyn.update_parameters(model)
@@ -154,6 +155,11 @@ def test_swapped_during_inflight_update_sees_the_finished_update():
     sync.update_parameters(model)
     asyn.update_parameters(model)
     gate.open_later()
+    return model, opt, sync, asyn
+
+
+def test_swapped_during_inflight_update_sees_the_finished_update():
+    model, _, sync, asyn = _inflight_pair(lr=0.05, warm_steps=3)
     with asyn.swapped(model) as m:
         got = {k: v.clone() for k, v in m.state_dict().items()}
     want = sync.full_state_dict()
@@ -162,19 +168,7 @@ def test_swapped_during_inflight_update_sees_the_finished_update():
 
 
 def test_optimizer_step_waits_for_the_inflight_update():
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    sync = distavg.ExponentialMovingAverage(model, momentum=0.3, optimizer=opt)
-    asyn = distavg.ExponentialMovingAverage(model, momentum=0.3, async_update=True, optimizer=opt)
-    for _ in range(2):
-        _step(model, opt, torch.randn(16, 8))
-        sync.update_parameters(model)
-        asyn.update_parameters(model)
-    gate = _Gate(asyn)
-    _step(model, opt, torch.randn(16, 8))
-    sync.update_parameters(model)
-    asyn.update_parameters(model)
-    gate.open_later()
+    model, opt, sync, asyn = _inflight_pair(lr=0.5, warm_steps=2)
     # Forward mutates the BatchNorm statistics and the step writes the parameters while
     # the update is held: it must still see the values of the step it was enqueued after.
     _step(model, opt, torch.randn(16, 8))
