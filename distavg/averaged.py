@@ -9,9 +9,11 @@ One update, on every rank:
 
 from __future__ import annotations
 
+import atexit
 import copy
 import logging
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -29,6 +31,16 @@ from .topology import Topology, unwrap
 logger = logging.getLogger(__name__)
 
 PLACEMENTS = ("sharded", "owner")
+
+# Averages still open at interpreter exit: a worker thread left running into interpreter
+# finalisation aborts the process, so each is closed (its last update applied) first.
+_OPEN: weakref.WeakSet[BaseAveragedModel] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_averages() -> None:
+    for avg in list(_OPEN):
+        avg.close()
 
 
 class BaseAveragedModel:
@@ -134,6 +146,7 @@ class BaseAveragedModel:
         )
         self._watch = None if optimizer is None else StepWatch(optimizer, self.engine)
         self._closed = False
+        _OPEN.add(self)
         self._module = self._build_module(model)
 
     # -- construction ---------------------------------------------------------------
@@ -295,6 +308,7 @@ class BaseAveragedModel:
         Called on destruction too. The average stays readable; it takes no more updates.
         """
         self._closed = True
+        _OPEN.discard(self)
         watch, self._watch = getattr(self, "_watch", None), None
         if watch is not None:
             watch.remove()

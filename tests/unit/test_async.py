@@ -348,3 +348,32 @@ def test_a_wrapped_optimizer_is_looked_through():
         asyn.update_parameters(model)
     assert asyn.steps == 5
     _assert_bitwise(_flats(sync), _flats(asyn))
+
+
+def test_process_exits_cleanly_with_an_update_in_flight(tmp_path):
+    """An open async average at interpreter exit is closed first, not torn down mid-update."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "exit_in_flight.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import torch, distavg
+            from torch import nn
+            m = nn.Sequential(*[nn.Linear(512, 512) for _ in range(8)])
+            opt = torch.optim.SGD(m.parameters(), lr=0.1)
+            ema = distavg.ExponentialMovingAverage(
+                m, momentum=0.1, async_update=True, optimizer=opt)
+            for _ in range(3):
+                m(torch.randn(4, 512)).sum().backward()
+                opt.step()
+                ema.update_parameters(m)
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
