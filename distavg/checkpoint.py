@@ -42,7 +42,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from ._comm import ChunkComm, broadcast_tensors
-from .shards import Shards, Slot, chunk_bounds, chunk_shape, rows_shape
+from .shards import Shards, Slot, chunk_bounds, shaped
 
 if TYPE_CHECKING:
     from torch import nn
@@ -76,15 +76,6 @@ def _keys_json(avg: BaseAveragedModel) -> str:
     return json.dumps({s.key: list(s.aliases) for s in avg.topology.specs})
 
 
-def _shaped(flat: torch.Tensor, slot: Slot) -> torch.Tensor:
-    """A slot's 1-D region shaped as ``Shards.view`` shapes it (whole tensor or rows)."""
-    total = slot.shape.numel()
-    if slot.start == 0 and slot.end == total:
-        return flat.view(slot.shape)
-    rows = rows_shape(slot.shape)
-    return flat.view(-1, *rows[1:]) if total else flat.view(rows)
-
-
 def _snapshot(shards: Shards) -> list[torch.Tensor]:
     """A copy of every slot's region (see [Note: staged load]).
 
@@ -93,7 +84,7 @@ def _snapshot(shards: Shards) -> list[torch.Tensor]:
     python storage", torch 2.13).
     """
     pairs = zip(shards.views, shards.slots, strict=True)
-    return [_shaped(view.clone(), slot) for view, slot in pairs]
+    return [shaped(view.clone(), slot) for view, slot in pairs]
 
 
 def state_dict(avg: BaseAveragedModel) -> dict[str, Any]:
@@ -149,8 +140,9 @@ def load_state_dict(avg: BaseAveragedModel, sd: dict[str, Any]) -> None:
             continue
         if slot.key not in sd["average"]:
             raise ValueError(f"checkpoint average has no tensor {slot.key!r}")
-        dsts.append(avg.shards.view(i))
-        srcs.append(_local_source(slot, sd["average"][slot.key], avg))
+        dst = avg.shards.view(i)
+        dsts.append(dst)
+        srcs.append(_local_source(slot, sd["average"][slot.key], tuple(dst.shape)))
     if dsts:
         torch._foreach_copy_(dsts, srcs)
     avg._steps = steps
@@ -176,22 +168,19 @@ def _check_keys(avg: BaseAveragedModel, theirs: dict[str, list[str]]) -> None:
         )
 
 
-def _local_source(slot: Slot, src: Any, avg: BaseAveragedModel) -> torch.Tensor:
-    """The part of ``src`` that fills this rank's region of ``slot``, shaped like it."""
+def _local_source(slot: Slot, src: Any, want: tuple[int, ...]) -> torch.Tensor:
+    """The part of ``src`` that fills this rank's region of ``slot``, of shape ``want``."""
     if not isinstance(src, torch.Tensor) or tuple(src.shape) != tuple(slot.shape):
         got = tuple(src.shape) if isinstance(src, torch.Tensor) else type(src).__name__
         raise ValueError(
             f"checkpoint tensor {slot.key!r} has shape {got}, the average has {tuple(slot.shape)}"
         )
-    want = tuple(_shaped(torch.empty(slot.numel), slot).shape)
     if isinstance(src, DTensor):
         local = src.to_local()
     elif slot.numel == slot.shape.numel():
         local = src
     else:  # a whole tensor, this rank keeps a chunk: take the chunk's rows
-        world, rank = avg.topology.world, avg.topology.rank
-        a, b = chunk_bounds(slot.shape, world, rank)
-        local = src.reshape(-1)[a:b].view(chunk_shape(slot.shape, world, rank))
+        local = src.reshape(-1)[slot.start : slot.end].view(want)
     if tuple(local.shape) != want:
         raise ValueError(
             f"checkpoint tensor {slot.key!r} holds a local chunk of shape "
@@ -207,8 +196,7 @@ def full_state_dict(avg: BaseAveragedModel) -> dict[str, torch.Tensor]:
     others the owner holds whole.
     """
     topo, shards = avg.topology, avg.shards
-    owner = topo.rank == avg.owner_rank
-    fulls = [shards.view(i).clone() if owner else None for i in range(len(shards.slots))]
+    gathered: dict[int, torch.Tensor] = {}
     if _sharded(avg):
         chunked = [i for i, s in enumerate(shards.slots) if s.chunked]
         comm = ChunkComm(
@@ -220,11 +208,12 @@ def full_state_dict(avg: BaseAveragedModel) -> dict[str, torch.Tensor]:
         )
         pieces = comm.gather([shards.views[i] for i in chunked], avg.owner_rank)
         for i, p in zip(chunked, pieces or [], strict=False):
-            fulls[i] = torch.cat(p).view(shards.slots[i].shape)
-    if not owner:
+            gathered[i] = torch.cat(p).view(shards.slots[i].shape)
+    if topo.rank != avg.owner_rank:
         return {}
     out = {}
-    for spec, t in zip(topo.specs, fulls, strict=True):
+    for i, spec in enumerate(topo.specs):
+        t = gathered[i] if i in gathered else shards.view(i).clone()
         for key in (spec.key, *spec.aliases):
             out[key] = t
     return out
@@ -258,16 +247,15 @@ class Swap:
         self.chunked = [i for i in n if slots[i].chunked]
         self.broadcast = [i for i in n if not slots[i].chunked and not specs[i].sharded]
         self.scatter = [i for i in n if not slots[i].chunked and specs[i].sharded]
-        self.own = [i for i in n if not specs[i].is_param and not specs[i].sharded]
+        self.own = {i for i in n if not specs[i].is_param and not specs[i].sharded}
         self.rebuilt = [i for i in n if specs[i].is_param and not specs[i].sharded]
 
     def _backup_of(self, i: int) -> torch.Tensor:
-        return self.flat[i] if i in self._own else self.chunks[i]
+        return self.flat[i] if i in self.own else self.chunks[i]
 
     def enter(self) -> None:
         avg, topo = self.avg, self.avg.topology
         views, owner = avg.shards.views, topo.rank == avg.owner_rank
-        self._own = set(self.own)
         self.backup = [self._backup_of(i).clone() for i in range(len(self.flat))]
         _copy([self.chunks[i] for i in self.chunked], [views[i] for i in self.chunked])
         self._all_gather([i for i in self.chunked if not topo.specs[i].sharded])

@@ -49,8 +49,6 @@ from .shards import Shards
 
 Sources = list[list[torch.Tensor]]
 
-KINDS = ("copy", "lerp", "follow")
-
 
 @dataclass(frozen=True)
 class Update:
@@ -243,9 +241,6 @@ class WorkerEngine(Engine):
             self.wait()
         finally:
             self._worker.close()
-
-    def held_bytes(self) -> dict[str, int]:
-        return {"accelerator": 0, "pinned_host": 0}
 
 
 class StepWatch:

@@ -118,13 +118,23 @@ class Slot:
         return self.end - self.start
 
     @property
-    def direct(self) -> bool:
-        return (
-            self.averaged
-            and len(self.pieces) == 1
-            and self.src_dtype == self.dtype
-            and self.numel >= SMALL_NUMEL
-        )
+    def route(self) -> str:
+        """How the slot is updated: ``"direct"``, ``"upcast"``, ``"staged"`` or ``"follow"``
+        (see [Note: flat layout])."""
+        if not self.averaged:
+            return "follow"
+        if len(self.pieces) == 1 and self.numel >= SMALL_NUMEL:
+            return "direct" if self.src_dtype == self.dtype else "upcast"
+        return "staged"
+
+
+def shaped(flat: torch.Tensor, slot: Slot) -> torch.Tensor:
+    """A 1-D tensor holding ``slot``'s region, shaped as the tensor (whole) or as its rows."""
+    total = slot.shape.numel()
+    if slot.start == 0 and slot.end == total:
+        return flat.view(slot.shape)
+    rows = rows_shape(slot.shape)
+    return flat.view(-1, *rows[1:]) if total else flat.view(rows)
 
 
 class _Group:
@@ -142,14 +152,6 @@ class _Group:
         self.numel = 0
 
     def layout(self, slots: Sequence[Slot]) -> None:
-        # Large single-piece slots whose source dtype differs (bf16 params, fp32 average)
-        # are updated tensor by tensor (fused, or staged in cache-sized pieces), not
-        # concatenated: see [Note: flat layout] and [Note: fused upcast-lerp] in _kernels.
-        big = {
-            i for i in self.staged if len(slots[i].pieces) == 1 and slots[i].numel >= SMALL_NUMEL
-        }
-        self.upcast = [i for i in self.staged if i in big]
-        self.staged = [i for i in self.staged if i not in big]
         align = max(1, _ALIGN_BYTES // torch.empty((), dtype=self.dtype).element_size())
         for i in self.direct + self.upcast:
             self.numel = -(-self.numel // align) * align
@@ -214,7 +216,7 @@ class Shards:
             g = self.groups.setdefault(s.dtype, _Group(s.dtype, device, pin))
             if s.numel == 0:
                 continue
-            (g.direct if s.direct else g.staged if s.averaged else g.follow).append(i)
+            getattr(g, s.route).append(i)
         for g in self.groups.values():
             g.layout(self.slots)
         self.views: list[torch.Tensor] = []
@@ -231,12 +233,7 @@ class Shards:
 
     def view(self, i: int) -> torch.Tensor:
         """Slot ``i``'s region shaped as the tensor (whole) or as its rows (a chunk)."""
-        s = self.slots[i]
-        total = s.shape.numel()
-        if s.start == 0 and s.end == total:
-            return self.views[i].view(s.shape)
-        rows = rows_shape(s.shape)
-        return self.views[i].view(-1, *rows[1:]) if total else self.views[i].view(rows)
+        return shaped(self.views[i], self.slots[i])
 
     # -- updates --------------------------------------------------------------------
     # `sources[i]` is the list of 1-D source pieces that fill slot i's region in order.

@@ -108,7 +108,7 @@ class Topology:
         self.kind = "fsdp2" if self.mesh is not None else "ddp" if self.world > 1 else "single"
         self.device = _local(tensors[0]).device
         self._cache: tuple[tuple, list[torch.Tensor]] | None = None
-        self._owners: tuple[nn.Module, list[nn.Module | None]] | None = None
+        self._homes_of: nn.Module | None = None  # the module `_homes` was found in
         self._unwrapped: tuple[nn.Module, nn.Module] | None = None
         self._homes: list[dict] = []
         self._attrs = [s.attr for s in self.specs]
@@ -141,16 +141,16 @@ class Topology:
         if self._unwrapped is None or self._unwrapped[0] is not model:
             self._unwrapped = (model, unwrap(model))
         module = self._unwrapped[1]
-        if self._owners is None or self._owners[0] is not module:
+        if self._homes_of is not module:
             mods = dict(module.named_modules(remove_duplicate=False))
             owners = [mods.get(s.owner) for s in self.specs]
-            self._owners = (module, owners)
             # The dict holding each tensor (a module mutates it, never replaces it): found
             # once, read every step at C speed.
             self._homes = [
                 {} if m is None else m._parameters if s.is_param else m._buffers
                 for s, m in zip(self.specs, owners, strict=True)
             ]
+            self._homes_of = module
         current = list(map(dict.get, self._homes, self._attrs))
         key = _identity(current, self.mesh is None)
         if key is not None and self._cache is not None and self._cache[0] == key:
