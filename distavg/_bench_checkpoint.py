@@ -11,17 +11,16 @@ Target: with the sharded placement every rank writes 1/W of the averaged model.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .bench import format_table, run_on_ranks
 
 METHODS = ("sharded, dcp.save", "owner, dcp.save", "gathered, torch.save on rank 0")
 
@@ -40,62 +39,53 @@ def _written(directory: Path, world: int) -> list[int]:
     return per_rank
 
 
-def _worker(
-    rank: int, world: int, store: str, root: str, rounds: int, width: int, layers: int
-) -> None:
+def _save_body(root: str, rounds: int, width: int, layers: int) -> dict:
+    """Per rank: save the average each way, ``rounds`` times; what rank 0 reports."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
     from .rules import ExponentialMovingAverage
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
-    try:
-        model = _model(width, layers)
-        averages = {p: ExponentialMovingAverage(model, placement=p) for p in ("sharded", "owner")}
-        for avg in averages.values():
-            avg.update_parameters(model)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = _model(width, layers)
+    averages = {p: ExponentialMovingAverage(model, placement=p) for p in ("sharded", "owner")}
+    for avg in averages.values():
+        avg.update_parameters(model)
 
-        def gathered(path: Path) -> None:
-            state = averages["sharded"].full_state_dict()
-            if state:
-                torch.save(state, path / "average.pt")
+    def gathered(path: Path) -> None:
+        state = averages["sharded"].full_state_dict()
+        if state:
+            torch.save(state, path / "average.pt")
 
-        saves: dict[str, Callable[[Path], object]] = {
-            METHODS[0]: lambda p: dcp.save({"ema": averages["sharded"]}, checkpoint_id=p),
-            METHODS[1]: lambda p: dcp.save({"ema": averages["owner"]}, checkpoint_id=p),
-            METHODS[2]: gathered,
-        }
-        times: dict[str, list[float]] = {m: [] for m in METHODS}
-        written: dict[str, list[int]] = {}
-        for r in range(rounds + 1):  # round 0 warms up and is not timed
-            for method, save in saves.items():
-                path = Path(root, f"{METHODS.index(method)}-{r}")
-                path.mkdir(parents=True, exist_ok=True)
-                dist.barrier()
-                t0 = time.perf_counter()
-                save(path)
-                dt = time.perf_counter() - t0
-                dist.barrier()
-                if r:
-                    times[method].append(dt)
-                if rank == 0:
-                    written[method] = _written(path, world)
-                    shutil.rmtree(path)
-        result = {
-            "median_s": {m: statistics.median(t) for m, t in times.items()},
-            "held": {p: a.shards.nbytes for p, a in averages.items()},
-        }
-        gathered_results: list = [None] * world
-        dist.all_gather_object(gathered_results, result)
-        if rank == 0:
-            model_bytes = sum(t.nbytes for t in model.state_dict().values())
-            Path(root, "result.json").write_text(
-                json.dumps({"ranks": gathered_results, "written": written, "model": model_bytes})
-            )
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+    saves: dict[str, Callable[[Path], object]] = {
+        METHODS[0]: lambda p: dcp.save({"ema": averages["sharded"]}, checkpoint_id=p),
+        METHODS[1]: lambda p: dcp.save({"ema": averages["owner"]}, checkpoint_id=p),
+        METHODS[2]: gathered,
+    }
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    written: dict[str, list[int]] = {}
+    for r in range(rounds + 1):  # round 0 warms up and is not timed
+        for method, save in saves.items():
+            path = Path(root, f"{METHODS.index(method)}-{r}")
+            path.mkdir(parents=True, exist_ok=True)
+            dist.barrier()
+            t0 = time.perf_counter()
+            save(path)
+            dt = time.perf_counter() - t0
+            dist.barrier()
+            if r:
+                times[method].append(dt)
+            if rank == 0:
+                written[method] = _written(path, world)
+                shutil.rmtree(path)
+    result = {
+        "median_s": {m: statistics.median(t) for m, t in times.items()},
+        "held": {p: a.shards.nbytes for p, a in averages.items()},
+    }
+    gathered_results: list = [None] * world
+    dist.all_gather_object(gathered_results, result)
+    model_bytes = sum(t.nbytes for t in model.state_dict().values())
+    return {"ranks": gathered_results, "written": written, "model": model_bytes}
 
 
 def checkpoint_table(rounds: int = 5, width: int = 1024, layers: int = 12) -> str:
@@ -106,20 +96,9 @@ def checkpoint_table(rounds: int = 5, width: int = 1024, layers: int = 12) -> st
         width: width of the square-ish ``Linear`` layers of the model.
         layers: number of layers (the default model has 12.6M parameters, 48 MiB fp32).
     """
-    import torch.multiprocessing as mp
-
-    from .bench import format_table
-
     rows, model_bytes = [], 0
     for world in (1, 2):
-        with tempfile.TemporaryDirectory() as tmp:
-            mp.spawn(
-                _worker,
-                nprocs=world,
-                join=True,
-                args=(world, os.path.join(tmp, "store"), tmp, rounds, width, layers),
-            )
-            res = json.loads(Path(tmp, "result.json").read_text())
+        res = run_on_ranks(_save_body, world, rounds, width, layers)
         model_bytes = res["model"]
         for method in METHODS:
             per_rank = res["written"][method]

@@ -18,18 +18,15 @@ free.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+
+from .bench import format_table, run_on_ranks
 
 MODES = ("none", "sync", "async")
 MOMENTUM = 2e-4
@@ -106,23 +103,12 @@ def _measure(cfg: Config, wrap=lambda m: m) -> dict[str, list[float]]:
     return times
 
 
-def _rank_main(rank: int, world: int, store: str, out: str, cfg: Config) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
-    try:
-        result = _measure(cfg, wrap=nn.parallel.DistributedDataParallel)
-        if rank == 0:
-            Path(out).write_text(json.dumps(result))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _ddp_measure(workdir: str, cfg: Config) -> dict[str, list[float]]:
+    return _measure(cfg, wrap=nn.parallel.DistributedDataParallel)
 
 
 def _two_ranks(cfg: Config) -> dict[str, list[float]]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
-        mp.spawn(_rank_main, args=(2, os.path.join(tmp, "store"), out, cfg), nprocs=2, join=True)
-        return json.loads(Path(out).read_text())
+    return run_on_ranks(_ddp_measure, 2, cfg)
 
 
 def _one_process(cfg: Config) -> dict[str, list[float]]:
@@ -132,16 +118,6 @@ def _one_process(cfg: Config) -> dict[str, list[float]]:
         return _measure(cfg)
     finally:
         torch.set_num_threads(threads)
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    cells = [headers, *rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = [
-        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells
-    ]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
 
 
 def overlap_table(quick: bool = False) -> str:
@@ -181,7 +157,7 @@ def overlap_table(quick: bool = False) -> str:
             f"({params / 1e6:.1f}M fp32 parameters, {os.cpu_count()} CPUs, "
             f"torch.set_num_threads(1) in every process)",
             "",
-            _table(
+            format_table(
                 [
                     "setting",
                     "none ms",

@@ -350,41 +350,63 @@ def _cast_then_foreach(model: nn.Module):
 # -- ranks: spawned gloo workers ----------------------------------------------------
 
 
-def _rank_worker(
-    rank: int, world: int, store: str, out: str, quick: bool, repeats: int, threads: int
+def run_on_ranks(fn: Callable[..., object], world: int, *args: object, threads: int = 1) -> object:
+    """``fn(workdir, *args)`` on ``world`` spawned gloo ranks; rank 0's (JSON-able) result.
+
+    The ranks meet through a FileStore in a fresh temporary ``workdir`` that they share
+    (never a port), each with ``threads`` torch threads.
+    """
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as workdir:
+        mp.spawn(_on_rank, nprocs=world, join=True, args=(world, workdir, threads, fn, args))
+        return json.loads(Path(workdir, "result.json").read_text())
+
+
+def _on_rank(
+    rank: int, world: int, workdir: str, threads: int, fn: Callable[..., object], args: tuple
 ) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    store = dist.FileStore(os.path.join(workdir, "store"), world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    try:
+        result = fn(workdir, *args)
+        if rank == 0:
+            Path(workdir, "result.json").write_text(json.dumps(result))
+        dist.barrier()  # before destroy_process_group, or gloo may abort at exit
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank_body(workdir: str, quick: bool, repeats: int) -> list:
+    """Per rank: averaged bytes and update time, sharded, owner and replicated."""
     import torch.distributed as dist
 
     from .rules import ExponentialMovingAverage
 
-    torch.set_num_threads(threads)
-    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        model = _perturbed(GPTLike(GPT_QUICK if quick else GPT2_SMALL))
-        results = {}
-        for placement in ("sharded", "owner"):
-            ema = ExponentialMovingAverage(model, momentum=MOMENTUM, placement=placement)
-            ema.update_parameters(model)
-            results[placement] = (
-                ema.shards.nbytes,
-                _barrier_timed(lambda ema=ema: (ema.update_parameters(model), ema.wait()), repeats),
-            )
-            del ema
-            _free()
-        srcs = [p.detach() for p in model.parameters()]
-        full = [s.clone() for s in srcs]  # what a replicated average keeps on every rank
-        results["replicated"] = (
-            sum(t.numel() * t.element_size() for t in full),
-            _barrier_timed(lambda: torch._foreach_lerp_(full, srcs, MOMENTUM), repeats),
+    torch.manual_seed(0)
+    model = _perturbed(GPTLike(GPT_QUICK if quick else GPT2_SMALL))
+    results = {}
+    for placement in ("sharded", "owner"):
+        ema = ExponentialMovingAverage(model, momentum=MOMENTUM, placement=placement)
+        ema.update_parameters(model)
+        results[placement] = (
+            ema.shards.nbytes,
+            _barrier_timed(lambda ema=ema: (ema.update_parameters(model), ema.wait()), repeats),
         )
-        gathered = [None] * world
-        dist.all_gather_object(gathered, results)
-        if rank == 0:
-            Path(out).write_text(json.dumps(gathered))
-        dist.barrier()  # before destroy_process_group, or gloo may abort at exit
-    finally:
-        dist.destroy_process_group()
+        del ema
+        _free()
+    srcs = [p.detach() for p in model.parameters()]
+    full = [s.clone() for s in srcs]  # what a replicated average keeps on every rank
+    results["replicated"] = (
+        sum(t.numel() * t.element_size() for t in full),
+        _barrier_timed(lambda: torch._foreach_lerp_(full, srcs, MOMENTUM), repeats),
+    )
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    return gathered
 
 
 def _barrier_timed(fn: Callable[[], object], repeats: int) -> float:
@@ -402,20 +424,10 @@ def _barrier_timed(fn: Callable[[], object], repeats: int) -> float:
 
 
 def section_ranks(args: argparse.Namespace) -> str:
-    import torch.multiprocessing as mp
-
     rows = []
     for world in (1, 2):
         threads = max(1, args.threads // world)
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "out.json")
-            mp.spawn(
-                _rank_worker,
-                nprocs=world,
-                join=True,
-                args=(world, os.path.join(tmp, "store"), out, args.quick, args.repeats, threads),
-            )
-            per_rank = json.loads(Path(out).read_text())
+        per_rank = run_on_ranks(_rank_body, world, args.quick, args.repeats, threads=threads)
         for placement in ("sharded", "owner", "replicated"):
             nbytes = [r[placement][0] for r in per_rank]
             secs = [r[placement][1] for r in per_rank]
