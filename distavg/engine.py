@@ -243,6 +243,14 @@ class WorkerEngine(Engine):
             self._worker.close()
 
 
+def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer whose ``step()`` writes the parameters, inside wrappers that keep it as
+    ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 class StepWatch:
     """Installs the fence on an optimizer and learns of its real steps.
 
@@ -258,8 +266,7 @@ class StepWatch:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, engine: Engine) -> None:
-        while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-            optimizer = optimizer.optimizer
+        optimizer = unwrap_optimizer(optimizer)
         self._engine = weakref.ref(engine)
         self._stepped = False
         self._handles = [
