@@ -1,8 +1,8 @@
 """Collectives that move ``Shard(0)`` chunks of many tensors with one call per dtype.
 
 Chunks are uneven (see [Note: chunking] in shards.py), but collectives want equal sizes
-on every rank. So each tensor gets a *slot* of ``ceil(rows / world)`` rows in a flat
-buffer per dtype; a rank writes its chunk at the start of the slot and the rest is padding.
+on every rank. So each tensor gets a padded *block* of ``ceil(rows / world)`` rows in a flat
+buffer per dtype; a rank writes its chunk at the start of the block and the rest is padding.
 Rank ``r``'s chunk of tensor ``i`` is then ``recv[r][off_i : off_i + len_r]``.
 """
 
@@ -45,9 +45,9 @@ class ChunkComm:
         self.offsets: list[int] = []
         for shape, dtype in zip(self.shapes, self.dtypes, strict=True):
             rows = rows_shape(shape)
-            slot = -(-rows[0] // world) * (shape.numel() // rows[0] if rows[0] else 0)
+            block = -(-rows[0] // world) * (shape.numel() // rows[0] if rows[0] else 0)
             self.offsets.append(self.sizes.get(dtype, 0))
-            self.sizes[dtype] = self.sizes.get(dtype, 0) + slot
+            self.sizes[dtype] = self.sizes.get(dtype, 0) + block
 
     def _pack(self, chunks: Sequence[torch.Tensor]) -> dict[torch.dtype, torch.Tensor]:
         flats = {d: torch.zeros(n, dtype=d, device=self.device) for d, n in self.sizes.items()}

@@ -14,7 +14,7 @@ import copy
 import logging
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import checkpoint
+from . import state, swap
 from ._comm import ChunkComm
-from .engine import StepWatch, Update, make_engine
+from .engine import Engine, Kind, StepWatch, SyncEngine, Update, WorkerEngine
 from .shards import Shards, Slot, chunk_bounds
 from .topology import Topology, unwrap
 
@@ -115,7 +115,7 @@ class BaseAveragedModel:
         self.device = topo.device if device is None else torch.device(device)
         self._steps = 0
         self._warned_precision = False
-        self._gathers = placement == "owner" and topo.kind == "fsdp2" and topo.world > 1
+        self._owner_push = placement == "owner" and topo.kind == "fsdp2" and topo.world > 1
         self.shards = Shards(
             self._slots(dtype),
             self.device,
@@ -127,7 +127,7 @@ class BaseAveragedModel:
         )
         # The owner push runs on a group of its own, so that (possibly deferred) it never
         # interleaves with the training's collectives.
-        self._group = dist.new_group() if self._gathers else None
+        self._group = dist.new_group() if self._owner_push else None
         self._comm = ChunkComm(
             [s.shape for s in topo.specs],
             [s.dtype for s in topo.specs],
@@ -158,7 +158,7 @@ class BaseAveragedModel:
             # updates its own BatchNorm statistics; DDP broadcasts rank 0's before the next
             # forward): the owner's are the ones averaged, as a whole.
             chunked = topo.world == 1 or (
-                self.placement == "sharded" and (spec.is_param or spec.sharded)
+                self.placement == "sharded" and (spec.is_param or spec.is_dtensor)
             )
             if chunked:
                 start, end = chunk_bounds(spec.shape, topo.world, topo.rank)
@@ -214,6 +214,11 @@ class BaseAveragedModel:
         return {"interval": self.interval}
 
     @property
+    def sharded(self) -> bool:
+        """Whether the average is split over ranks (``placement="sharded"``, world > 1)."""
+        return self.placement == "sharded" and self.topology.world > 1
+
+    @property
     def steps(self) -> int:
         """Number of :meth:`update_parameters` calls so far."""
         return self._steps
@@ -234,11 +239,11 @@ class BaseAveragedModel:
             )
         self._check_group()
         # Capturing first also fences the previous update and raises its error, if any.
-        flat = self.engine.capture(self.topology.locals(model))
-        if self._watch is not None and not self._watch.take():
+        flat = self.engine.capture(self.topology.local_tensors(model))
+        if self._watch is not None and not self._watch.stepped():
             return
         steps = self._steps
-        kind, w = ("copy", 0.0) if steps == 0 else ("follow", 0.0)
+        kind, w = (Kind.COPY, 0.0) if steps == 0 else (Kind.FOLLOW, 0.0)
         if steps and steps % self.interval == 0:
             w = float(self.weight(steps))
             if not 0.0 <= w <= 1.0:
@@ -246,7 +251,7 @@ class BaseAveragedModel:
                     f"{type(self).__name__}.weight({steps}) must be in [0, 1], got {w}"
                 )
             self._check_precision(w)
-            kind = "lerp"
+            kind = Kind.LERP
         self.engine.submit(Update(kind, w, lambda: self._sources(flat)))
         self._steps += 1
 
@@ -257,18 +262,18 @@ class BaseAveragedModel:
         the owner push this gathers, on the thread or stream the engine runs the update.
         """
         topo = self.topology
-        if not self._gathers and self._sources_cache and self._sources_cache[0] is flat:
+        if not self._owner_push and self._sources_cache and self._sources_cache[0] is flat:
             return self._sources_cache[1]
         gathered = None
-        if self._gathers:
-            chunks = [f if s.sharded else f[:0] for s, f in zip(topo.specs, flat, strict=True)]
+        if self._owner_push:
+            chunks = [f if s.is_dtensor else f[:0] for s, f in zip(topo.specs, flat, strict=True)]
             gathered = self._comm.gather(chunks, self.owner_rank)
         sources = []
         for i, slot in enumerate(self.shards.slots):
             la, _ = topo.local_bounds(i)
             if not slot.pieces:
                 sources.append([])
-            elif gathered is not None and topo.specs[i].sharded:
+            elif gathered is not None and topo.specs[i].is_dtensor:
                 sources.append(gathered[i])
             else:
                 sources.append([flat[i][slot.start - la : slot.end - la]])
@@ -353,12 +358,12 @@ class BaseAveragedModel:
         """
         self.wait()
         self._check_group()
-        swap = checkpoint.Swap(self, model)
-        swap.enter()
+        swapper = swap.Swap(self, model)
+        swapper.enter()
         try:
             yield model
         finally:
-            swap.exit()
+            swapper.exit()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole average with the unwrapped model's ``state_dict()`` keys.
@@ -368,17 +373,17 @@ class BaseAveragedModel:
         """
         self.wait()
         self._check_group()
-        return checkpoint.full_state_dict(self)
+        return swap.full_state_dict(self)
 
     def state_dict(self) -> dict[str, Any]:
-        """The average in ``torch.distributed.checkpoint`` form (see checkpoint.py)."""
+        """The average in ``torch.distributed.checkpoint`` form (see state.py)."""
         self.wait()
-        return checkpoint.state_dict(self)
+        return state.state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict` output (as loaded by DCP)."""
         self.wait()
-        checkpoint.load_state_dict(self, state_dict)
+        self._steps = state.load_state_dict(self, state_dict)
 
     def __repr__(self) -> str:
         t = self.topology
@@ -387,3 +392,29 @@ class BaseAveragedModel:
             f"placement={self.placement!r}, world={t.world}, topology={t.kind!r}, "
             f"steps={self._steps}, bytes={self.shards.nbytes})"
         )
+
+
+def make_engine(
+    shards: Shards,
+    params_device: torch.device,
+    *,
+    async_update: bool,
+    volatile: Sequence[int],
+) -> Engine:
+    """The engine for an average on ``shards.device`` of parameters on ``params_device``.
+
+    See the table in engine.py's docstring. ``volatile`` lists the tensors forward may
+    mutate (buffers), which a deferred update must capture at enqueue time.
+    """
+    on_accelerator = params_device.type != "cpu"
+    if on_accelerator and shards.device.type == "cpu":
+        from ._accelerator import OffloadEngine
+
+        return OffloadEngine(shards, volatile, params_device, blocking=not async_update)
+    if not async_update:
+        return SyncEngine(shards)
+    if on_accelerator:
+        from ._accelerator import StreamEngine
+
+        return StreamEngine(shards, volatile, params_device)
+    return WorkerEngine(shards, volatile)

@@ -1,4 +1,4 @@
-"""When an update runs: now, on a CPU worker thread, or on an accelerator side stream; and the fence.
+"""When an update runs: now or on a CPU worker thread; the fence; the optimizer's steps.
 
 [Note: the fence]
 An update reads the parameters that optimizer step t left and must be done reading them
@@ -19,7 +19,8 @@ costs nothing (the pre-hook already fenced).
 An exception raised by a deferred update is kept and raised by the next ``capture``,
 ``submit``, ``fence`` or ``wait``: never silently dropped.
 
-The paths (chosen in one place, :func:`make_engine`):
+The paths (chosen in one place, ``averaged.make_engine``; the accelerator engines live in
+``_accelerator.py``, which builds on this module and is never imported by it):
 
 =============  =================  ======  ====================================
 parameters     average            async   engine
@@ -42,6 +43,7 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 
@@ -50,41 +52,62 @@ from .shards import Shards
 Sources = list[list[torch.Tensor]]
 
 
+class Kind(Enum):
+    """What an update does to the average."""
+
+    COPY = "copy"  # avg <- src for every tensor (the first update)
+    LERP = "lerp"  # avg <- avg + w * (src - avg) for averaged tensors, the others copied
+    FOLLOW = "follow"  # only the tensors that follow the source are copied
+
+
 @dataclass(frozen=True)
 class Update:
     """One update of the average, handed to an engine.
 
     Attributes:
-        kind: ``"copy"`` (``avg <- src``, the first update), ``"lerp"``
-            (``avg <- avg + weight * (src - avg)`` for averaged tensors, the others copied)
-            or ``"follow"`` (only the tensors that follow the source are copied).
+        kind: what the update does (see :class:`Kind`).
         weight: the lerp weight (unused by the other kinds).
         sources: returns, per slot, the 1-D source pieces that fill this rank's region. It
             runs where the engine runs the update (it may communicate: the owner push).
     """
 
-    kind: str
+    kind: Kind
     weight: float
     sources: Callable[[], Sources]
 
     def apply(self, shards: Shards, sources: Sources) -> None:
-        if self.kind == "lerp":
+        if self.kind is Kind.LERP:
             shards.lerp(sources, self.weight)
-        elif self.kind == "copy":
+        elif self.kind is Kind.COPY:
             shards.copy_all(sources)
         else:
             shards.follow(sources)
 
 
 class Engine:
-    """Runs the updates of one average (see [Note: the fence])."""
+    """Runs the updates of one average (see [Note: the fence]).
+
+    A deferring engine sets ``snapshots`` (the buffers forward mutates, copied at enqueue)
+    and, where a thread does the work, ``worker``; :meth:`capture` and :meth:`close` then
+    need nothing more from it than :meth:`_settle`.
+    """
+
+    snapshots: Snapshots | None = None
+    worker: Worker | None = None
 
     def __init__(self, shards: Shards) -> None:
         self.shards = shards
 
+    def _settle(self) -> None:
+        """Return when the previous update no longer reads the snapshots."""
+        self.fence()
+
     def capture(self, flat: list[torch.Tensor]) -> list[torch.Tensor]:
         """This rank's local tensors as a deferred update may read them (see the Note)."""
-        return flat
+        if self.snapshots is None:
+            return flat
+        self._settle()
+        return self.snapshots.refresh(flat)
 
     def submit(self, update: Update) -> None:
         raise NotImplementedError
@@ -98,7 +121,11 @@ class Engine:
 
     def close(self) -> None:
         """Wait, then release threads and streams. The engine is unusable afterwards."""
-        self.wait()
+        try:
+            self.wait()
+        finally:
+            if self.worker is not None:
+                self.worker.close()
 
     def held_bytes(self) -> dict[str, int]:
         """Memory the engine holds beyond the average: ``{"accelerator": .., "pinned_host": ..}``."""
@@ -135,7 +162,9 @@ class Snapshots:
         self.dsts: list[torch.Tensor] = []
         self.srcs: list[torch.Tensor] = []
 
-    def take(self, flat: list[torch.Tensor]) -> list[torch.Tensor]:
+    def refresh(self, flat: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copy the volatile tensors of ``flat`` into the engine's memory; ``flat`` with
+        those tensors replaced by their copies."""
         # The returned list is the same object while `flat` is: the averager caches its
         # per-slot source views on that identity.
         if self._key is not flat:
@@ -196,8 +225,6 @@ class Worker:
         self._thread.start()
 
     def put(self, job: Callable[[], None]) -> None:
-        if not self._thread.is_alive():
-            raise RuntimeError("this average was closed; it takes no more updates")
         self._jobs.put(job)
 
     def join(self) -> None:
@@ -221,26 +248,16 @@ class WorkerEngine(Engine):
 
     def __init__(self, shards: Shards, volatile: Sequence[int]) -> None:
         super().__init__(shards)
-        self._snapshots = Snapshots(volatile)
-        self._worker = Worker()
-
-    def capture(self, flat: list[torch.Tensor]) -> list[torch.Tensor]:
-        self.fence()
-        return self._snapshots.take(flat)
+        self.snapshots = Snapshots(volatile)
+        self.worker = Worker()
 
     def submit(self, update: Update) -> None:
         self.fence()
         shards = self.shards
-        self._worker.put(lambda: update.apply(shards, update.sources()))
+        self.worker.put(lambda: update.apply(shards, update.sources()))
 
     def fence(self) -> None:
-        self._worker.join()
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            self._worker.close()
+        self.worker.join()
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -282,8 +299,8 @@ class StepWatch:
     def _post(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         self._stepped = True
 
-    def take(self) -> bool:
-        """Whether the optimizer stepped since the last call."""
+    def stepped(self) -> bool:
+        """Whether the optimizer stepped since the last call (and forget it)."""
         stepped, self._stepped = self._stepped, False
         return stepped
 
@@ -291,29 +308,3 @@ class StepWatch:
         for h in self._handles:
             h.remove()
         self._handles = []
-
-
-def make_engine(
-    shards: Shards,
-    params_device: torch.device,
-    *,
-    async_update: bool,
-    volatile: Sequence[int],
-) -> Engine:
-    """The engine for an average on ``shards.device`` of parameters on ``params_device``.
-
-    See the table in this module's docstring. ``volatile`` lists the tensors forward may
-    mutate (buffers), which a deferred update must capture at enqueue time.
-    """
-    on_accelerator = params_device.type != "cpu"
-    if on_accelerator and shards.device.type == "cpu":
-        from ._device import OffloadEngine
-
-        return OffloadEngine(shards, volatile, params_device, blocking=not async_update)
-    if not async_update:
-        return SyncEngine(shards)
-    if on_accelerator:
-        from ._device import StreamEngine
-
-        return StreamEngine(shards, volatile, params_device)
-    return WorkerEngine(shards, volatile)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import NamedTuple
 
 import torch
@@ -48,7 +49,7 @@ SMALL_NUMEL = 1 << 15
 # to stay in cache.
 STAGE_NUMEL = 1 << 20
 # Staging block size on CPU, see [Note: CPU staging].
-CAT_NUMEL = (1 << 15) - 1
+CPU_STAGE_NUMEL = (1 << 15) - 1
 # Piece size when a large tensor is cast into the stage on its way to the average (bf16
 # params, fp32 average): 4 MiB of fp32 is still in cache when lerp_ reads it, and few
 # enough pieces that the parallel regions they open stay few (see [Note: CPU staging]).
@@ -78,11 +79,13 @@ def chunk_bounds(shape: Sequence[int], world: int, rank: int) -> tuple[int, int]
     return start * row_numel, end * row_numel
 
 
-def chunk_shape(shape: Sequence[int], world: int, rank: int) -> tuple[int, ...]:
-    """The local shape of ``rank``'s chunk (see [Note: chunking])."""
-    rows = rows_shape(shape)
-    start, end = chunk_rows(rows[0], world, rank)
-    return (end - start, *rows[1:])
+class Route(Enum):
+    """How a slot is updated (see [Note: flat layout])."""
+
+    DIRECT = "direct"
+    UPCAST = "upcast"
+    STAGED = "staged"
+    FOLLOW = "follow"
 
 
 @dataclass(frozen=True)
@@ -118,14 +121,13 @@ class Slot:
         return self.end - self.start
 
     @property
-    def route(self) -> str:
-        """How the slot is updated: ``"direct"``, ``"upcast"``, ``"staged"`` or ``"follow"``
-        (see [Note: flat layout])."""
+    def route(self) -> Route:
+        """How the slot is updated (see [Note: flat layout])."""
         if not self.averaged:
-            return "follow"
+            return Route.FOLLOW
         if len(self.pieces) == 1 and self.numel >= SMALL_NUMEL:
-            return "direct" if self.src_dtype == self.dtype else "upcast"
-        return "staged"
+            return Route.DIRECT if self.src_dtype == self.dtype else Route.UPCAST
+        return Route.STAGED
 
 
 def shaped(flat: torch.Tensor, slot: Slot) -> torch.Tensor:
@@ -144,31 +146,30 @@ class _Group:
         self.dtype = dtype
         self.device = device
         self.pin = pin
-        self.direct: list[int] = []  # slot indices
-        self.upcast: list[int] = []
-        self.staged: list[int] = []
-        self.follow: list[int] = []
+        self.routes: dict[Route, list[int]] = {r: [] for r in Route}  # slot indices
         self.offsets: dict[int, int] = {}
         self.numel = 0
 
     def layout(self, slots: Sequence[Slot]) -> None:
         align = max(1, _ALIGN_BYTES // torch.empty((), dtype=self.dtype).element_size())
-        for i in self.direct + self.upcast:
+        r = self.routes
+        for i in r[Route.DIRECT] + r[Route.UPCAST]:
             self.numel = -(-self.numel // align) * align
             self.offsets[i] = self.numel
             self.numel += slots[i].numel
         self.numel = -(-self.numel // align) * align
-        for i in self.staged + self.follow:
+        for i in r[Route.STAGED] + r[Route.FOLLOW]:
             self.offsets[i] = self.numel
             self.numel += slots[i].numel
         self.flat = torch.zeros(
             self.numel, dtype=self.dtype, device=self.device, pin_memory=self.pin
         )
-        self.staged_start = self.offsets[self.staged[0]] if self.staged else 0
-        self.follow_start = self.offsets[self.follow[0]] if self.follow else self.numel
+        staged, follow = r[Route.STAGED], r[Route.FOLLOW]
+        self.staged_start = self.offsets[staged[0]] if staged else 0
+        self.follow_start = self.offsets[follow[0]] if follow else self.numel
         self.blocks = self._blocks(slots)
         block_max = max((n for _, n, _ in self.blocks), default=0)
-        upcast_max = max((min(slots[i].numel, UPCAST_NUMEL) for i in self.upcast), default=0)
+        upcast_max = max((min(slots[i].numel, UPCAST_NUMEL) for i in r[Route.UPCAST]), default=0)
         self.stage = torch.empty(max(block_max, upcast_max), dtype=self.dtype, device=self.device)
 
     def _blocks(
@@ -179,9 +180,9 @@ class _Group:
         A block is ``(flat offset, numel, [(slot, piece, start, end), ...])``: the block's
         source is the concatenation of those piece slices.
         """
-        block = CAT_NUMEL if self.device.type == "cpu" else STAGE_NUMEL
+        block = CPU_STAGE_NUMEL if self.device.type == "cpu" else STAGE_NUMEL
         blocks, items, begin, size = [], [], self.staged_start, 0
-        for i in self.staged:
+        for i in self.routes[Route.STAGED]:
             for p, length in enumerate(slots[i].pieces):
                 pos = 0
                 while pos < length:
@@ -216,7 +217,7 @@ class Shards:
             g = self.groups.setdefault(s.dtype, _Group(s.dtype, device, pin))
             if s.numel == 0:
                 continue
-            getattr(g, s.route).append(i)
+            g.routes[s.route].append(i)
         for g in self.groups.values():
             g.layout(self.slots)
         self.views: list[torch.Tensor] = []
@@ -244,6 +245,7 @@ class Shards:
             return self._resolved[1]
         plans = []
         for g in self.groups.values():
+            direct, upcast = g.routes[Route.DIRECT], g.routes[Route.UPCAST]
             blocks = []
             for begin, n, items in g.blocks:
                 srcs = []
@@ -253,13 +255,13 @@ class Shards:
                 blocks.append((g.flat[begin : begin + n], g.stage[:n], srcs))
             plans.append(
                 _Plan(
-                    dviews=[self.views[i] for i in g.direct],
-                    dsrcs=[sources[i][0] for i in g.direct],
-                    uviews=[self.views[i] for i in g.upcast],
-                    usrcs=[sources[i][0] for i in g.upcast],
+                    direct_views=[self.views[i] for i in direct],
+                    direct_srcs=[sources[i][0] for i in direct],
+                    upcast_views=[self.views[i] for i in upcast],
+                    upcast_srcs=[sources[i][0] for i in upcast],
                     blocks=blocks,
-                    fview=g.flat[g.follow_start :],
-                    fsrcs=[p for i in g.follow for p in sources[i]],
+                    follow_view=g.flat[g.follow_start :],
+                    follow_srcs=[p for i in g.routes[Route.FOLLOW] for p in sources[i]],
                     stage=g.stage,
                 )
             )
@@ -270,14 +272,14 @@ class Shards:
     def copy_all(self, sources: Sequence[Sequence[torch.Tensor]]) -> None:
         """avg <- src for every slot (the first update)."""
         for plan in self._plan(sources):
-            if plan.dviews:
-                torch._foreach_copy_(plan.dviews, plan.dsrcs)
-            for view, src in zip(plan.uviews, plan.usrcs, strict=True):
+            if plan.direct_views:
+                torch._foreach_copy_(plan.direct_views, plan.direct_srcs)
+            for view, src in zip(plan.upcast_views, plan.upcast_srcs, strict=True):
                 view.copy_(src)  # copy_ casts into the average's dtype
             for view, _, srcs in plan.blocks:
                 torch.cat(srcs, out=view)  # so does cat
-            if plan.fsrcs:
-                torch.cat(plan.fsrcs, out=plan.fview)
+            if plan.follow_srcs:
+                torch.cat(plan.follow_srcs, out=plan.follow_view)
 
     @torch.inference_mode()
     def lerp(self, sources: Sequence[Sequence[torch.Tensor]], weight: float) -> None:
@@ -287,35 +289,37 @@ class Shards:
         except the opt-in fused upcast-lerp (see [Note: fused upcast-lerp] in _kernels).
         """
         for plan in self._plan(sources):
-            if plan.dviews:
-                torch._foreach_lerp_(plan.dviews, plan.dsrcs, weight)
-            if plan.uviews and not _kernels.upcast_lerp_(plan.uviews, plan.usrcs, weight):
-                _staged_upcast_lerp(plan.uviews, plan.usrcs, plan.stage, weight)
+            if plan.direct_views:
+                torch._foreach_lerp_(plan.direct_views, plan.direct_srcs, weight)
+            if plan.upcast_views and not _kernels.upcast_lerp_(
+                plan.upcast_views, plan.upcast_srcs, weight
+            ):
+                _staged_upcast_lerp(plan.upcast_views, plan.upcast_srcs, plan.stage, weight)
             for view, staged, srcs in plan.blocks:
                 torch.cat(srcs, out=staged)
                 view.lerp_(staged, weight)
-            if plan.fsrcs:
-                torch.cat(plan.fsrcs, out=plan.fview)
+            if plan.follow_srcs:
+                torch.cat(plan.follow_srcs, out=plan.follow_view)
 
     @torch.inference_mode()
     def follow(self, sources: Sequence[Sequence[torch.Tensor]]) -> None:
         """Copy only the follow slots (calls that do not average)."""
         for plan in self._plan(sources):
-            if plan.fsrcs:
-                torch.cat(plan.fsrcs, out=plan.fview)
+            if plan.follow_srcs:
+                torch.cat(plan.follow_srcs, out=plan.follow_view)
 
 
 class _Plan(NamedTuple):
     """One group's update, resolved against the caller's sources (see _Group)."""
 
-    dviews: list[torch.Tensor]  # direct: one _foreach_lerp_
-    dsrcs: list[torch.Tensor]
-    uviews: list[torch.Tensor]  # upcast: fused, or staged piece by piece
-    usrcs: list[torch.Tensor]
+    direct_views: list[torch.Tensor]  # one _foreach_lerp_
+    direct_srcs: list[torch.Tensor]
+    upcast_views: list[torch.Tensor]  # fused, or staged piece by piece
+    upcast_srcs: list[torch.Tensor]
     # staged, per block: (flat view, its stage, sources): cat into the stage, one lerp_
     blocks: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]
-    fview: torch.Tensor  # follow: one cat
-    fsrcs: list[torch.Tensor]
+    follow_view: torch.Tensor  # one cat
+    follow_srcs: list[torch.Tensor]
     stage: torch.Tensor
 
 

@@ -27,7 +27,7 @@ class TensorSpec:
         shape: the global shape.
         dtype: the tensor's dtype.
         is_param: a parameter (else a persistent buffer).
-        sharded: an FSDP2 ``Shard(0)`` DTensor: this rank holds only its chunk.
+        is_dtensor: an FSDP2 ``Shard(0)`` DTensor: this rank holds only its chunk.
         owner: dotted path of the submodule that registers it.
         attr: its name there.
     """
@@ -37,7 +37,7 @@ class TensorSpec:
     shape: torch.Size
     dtype: torch.dtype
     is_param: bool
-    sharded: bool
+    is_dtensor: bool
     owner: str
     attr: str
 
@@ -77,8 +77,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
-def _identity(current: list[torch.Tensor | None], plain: bool) -> tuple | None:
-    """What the cache of ``locals`` is keyed on: each tensor object and its storage."""
+def _cache_key(current: list[torch.Tensor | None], plain: bool) -> tuple | None:
+    """What the cache of ``local_tensors`` is keyed on: each tensor object and its storage."""
     if plain:  # the common case, read at C speed: no DTensor to look through
         try:
             return tuple(map(id, current)), tuple([t.data_ptr() for t in current])
@@ -102,17 +102,17 @@ class Topology:
             raise ValueError("model has no parameters or buffers to average")
         self.mesh = None
         for spec, t in zip(self.specs, tensors, strict=True):
-            if spec.sharded:
+            if spec.is_dtensor:
                 self._check_fsdp2(spec, t)
                 self.mesh = t.device_mesh
         self.kind = "fsdp2" if self.mesh is not None else "ddp" if self.world > 1 else "single"
         self.device = _local(tensors[0]).device
         self._cache: tuple[tuple, list[torch.Tensor]] | None = None
-        self._homes_of: nn.Module | None = None  # the module `_homes` was found in
+        self._holders_of: nn.Module | None = None  # the module `_holders` was found in
         self._unwrapped: tuple[nn.Module, nn.Module] | None = None
-        self._homes: list[dict] = []
+        self._holders: list[dict] = []
         self._attrs = [s.attr for s in self.specs]
-        self.locals(model)  # validates devices and primes the cache
+        self.local_tensors(model)  # validates devices and primes the cache
 
     def _check_fsdp2(self, spec: TensorSpec, t: DTensor) -> None:
         mesh = t.device_mesh
@@ -126,11 +126,11 @@ class Topology:
     def local_bounds(self, i: int) -> tuple[int, int]:
         """Elements of the flattened tensor ``i`` that this rank's local data covers."""
         spec = self.specs[i]
-        if spec.sharded:
+        if spec.is_dtensor:
             return chunk_bounds(spec.shape, self.world, self.rank)
         return 0, spec.shape.numel()
 
-    def locals(self, model: nn.Module) -> list[torch.Tensor]:
+    def local_tensors(self, model: nn.Module) -> list[torch.Tensor]:
         """This rank's local data of every tensor, flattened, as plain 1-D tensors.
 
         The result is cached while the model's tensors are the same objects with the same
@@ -141,18 +141,18 @@ class Topology:
         if self._unwrapped is None or self._unwrapped[0] is not model:
             self._unwrapped = (model, unwrap(model))
         module = self._unwrapped[1]
-        if self._homes_of is not module:
+        if self._holders_of is not module:
             mods = dict(module.named_modules(remove_duplicate=False))
             owners = [mods.get(s.owner) for s in self.specs]
             # The dict holding each tensor (a module mutates it, never replaces it): found
             # once, read every step at C speed.
-            self._homes = [
+            self._holders = [
                 {} if m is None else m._parameters if s.is_param else m._buffers
                 for s, m in zip(self.specs, owners, strict=True)
             ]
-            self._homes_of = module
-        current = list(map(dict.get, self._homes, self._attrs))
-        key = _identity(current, self.mesh is None)
+            self._holders_of = module
+        current = list(map(dict.get, self._holders, self._attrs))
+        key = _cache_key(current, self.mesh is None)
         if key is not None and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         if any(t is None for t in current):
@@ -174,7 +174,7 @@ class Topology:
                     f"model tensor {spec.key!r} is not contiguous (stride {local.stride()}); "
                     f"distavg needs contiguous parameters and buffers"
                 )
-            if spec.sharded and not isinstance(t, DTensor):
+            if spec.is_dtensor and not isinstance(t, DTensor):
                 # FSDP2 leaves some groups unsharded after a forward without backward (the
                 # root by default): the registered tensor is then the whole current value.
                 a, b = chunk_bounds(spec.shape, self.world, self.rank)
@@ -233,7 +233,7 @@ def _specs(module: nn.Module) -> tuple[list[TensorSpec], list[torch.Tensor]]:
                 shape=t.shape,
                 dtype=t.dtype,
                 is_param=id(t) in param_ids,
-                sharded=isinstance(t, DTensor),
+                is_dtensor=isinstance(t, DTensor),
                 owner=owner,
                 attr=attr,
             )

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import distavg
-from distavg._device import BUCKET_BYTES, OffloadEngine, StreamEngine
+from distavg._accelerator import BUCKET_BYTES, OffloadEngine, StreamEngine
 
 pytestmark = [
     pytest.mark.gpu,

@@ -11,8 +11,8 @@ from reference import all_rules
 from torch import nn
 
 import distavg
-from distavg._device import OffloadPlan
-from distavg.engine import StepWatch, SyncEngine, WorkerEngine
+from distavg._accelerator import OffloadPlan
+from distavg.engine import Kind, StepWatch, SyncEngine, WorkerEngine
 
 RULES = all_rules()
 
@@ -217,7 +217,7 @@ def test_close_fences_removes_hooks_and_stops_the_worker():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     avg = distavg.StochasticWeightAverage(model, async_update=True, optimizer=opt)
-    thread = avg.engine._worker._thread
+    thread = avg.engine.worker._thread
     gate_release = threading.Event()
     op = avg.shards.copy_all
     done = []
@@ -253,7 +253,7 @@ def test_destruction_stops_the_worker_and_releases_the_optimizer():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     avg = distavg.StochasticWeightAverage(model, async_update=True, optimizer=opt)
-    thread = avg.engine._worker._thread
+    thread = avg.engine.worker._thread
     _step(model, opt, torch.randn(4, 8))
     avg.update_parameters(model)
     del avg
@@ -268,12 +268,12 @@ def test_step_watch_counts_real_steps_only():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     watch = StepWatch(opt, SyncEngine(None))
-    assert not watch.take()
+    assert not watch.stepped()
     _step(model, opt, torch.randn(4, 8))
-    assert watch.take() and not watch.take()
+    assert watch.stepped() and not watch.stepped()
     watch.remove()
     _step(model, opt, torch.randn(4, 8))
-    assert not watch.take()
+    assert not watch.stepped()
 
 
 @pytest.mark.parametrize("dtype", [None, torch.float32])
@@ -287,7 +287,7 @@ def test_offload_buckets_and_cpu_math_equal_the_shards_update_bitwise(dtype, thr
     model[2].to(torch.bfloat16)
     ref = distavg.ExponentialMovingAverage(model, momentum=0.3, dtype=dtype)
     off = distavg.ExponentialMovingAverage(model, momentum=0.3, dtype=dtype)
-    flat = ref.topology.locals(model)
+    flat = ref.topology.local_tensors(model)
     sources = ref._sources(flat)
     plans = {
         f: OffloadPlan(
@@ -305,18 +305,19 @@ def test_offload_buckets_and_cpu_math_equal_the_shards_update_bitwise(dtype, thr
     if through_staging:
         assert len(plans[False].buckets) > 10
         assert any(len(s) > 1 for b in plans[False].buckets for s, _ in b.copies.values())
-    for kind, w in [("copy", 0.0), ("lerp", 0.3), ("follow", 0.0), ("lerp", 0.7), ("lerp", 1.0)]:
+    C, L, F = Kind.COPY, Kind.LERP, Kind.FOLLOW
+    for kind, w in [(C, 0.0), (L, 0.3), (F, 0.0), (L, 0.7), (L, 1.0)]:
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
             model[1].running_mean.add_(1.0)
-        if kind == "copy":
+        if kind is C:
             ref.shards.copy_all(sources)
-        elif kind == "follow":
+        elif kind is F:
             ref.shards.follow(sources)
         else:
             ref.shards.lerp(sources, w)
-        plan = plans[kind == "follow"]
+        plan = plans[kind is F]
         plan.copy(lambda d, n: scratch[: n * d.itemsize].view(d), None)
         plan.apply(kind, w)
         _assert_bitwise(_flats(ref), _flats(off))

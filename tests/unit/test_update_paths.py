@@ -9,6 +9,7 @@ from torch import nn
 
 import distavg
 from distavg import _kernels, shards
+from distavg.shards import Route
 
 
 def _mixed_model(dtype: torch.dtype) -> nn.Module:
@@ -67,9 +68,11 @@ def test_direct_and_staged_paths_match_per_tensor_lerp_bitwise():
     ref = _reference(_mixed_model(torch.float32), torch.float32, list(_Schedule.WEIGHTS))
     avg, got = _run(_mixed_model(torch.float32))
     g = avg.shards.groups[torch.float32]
-    assert len(g.direct) == 2 and len(g.upcast) == 0 and len(g.blocks) >= 2
+    assert (
+        len(g.routes[Route.DIRECT]) == 2 and len(g.routes[Route.UPCAST]) == 0 and len(g.blocks) >= 2
+    )
     # CPU staging blocks stay below ATen's grain size (see [Note: CPU staging])
-    assert max(n for _, n, _ in g.blocks) <= shards.CAT_NUMEL
+    assert max(n for _, n, _ in g.blocks) <= shards.CPU_STAGE_NUMEL
     _assert_bitwise(got, ref)
 
 
@@ -78,8 +81,8 @@ def test_eager_upcast_path_matches_per_tensor_lerp_bitwise():
     with _kernels.fused_upcast(False):
         avg, got = _run(_mixed_model(torch.bfloat16), dtype=torch.float32)
     g = avg.shards.groups[torch.float32]
-    assert len(g.upcast) == 2 and len(g.direct) == 0
-    assert max(avg.shards.slots[i].numel for i in g.upcast) > shards.UPCAST_NUMEL
+    assert len(g.routes[Route.UPCAST]) == 2 and len(g.routes[Route.DIRECT]) == 0
+    assert max(avg.shards.slots[i].numel for i in g.routes[Route.UPCAST]) > shards.UPCAST_NUMEL
     _assert_bitwise(got, ref)
 
 

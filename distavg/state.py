@@ -1,4 +1,4 @@
-"""The average as state: DCP ``Stateful`` form, whole-model export, and the swap.
+"""The average as ``torch.distributed.checkpoint`` state: the ``Stateful`` form and its checked load.
 
 [Note: state dict form]
 ``state_dict()`` is::
@@ -41,19 +41,12 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from ._comm import ChunkComm, broadcast_tensors
-from .shards import Shards, Slot, chunk_bounds, shaped
+from .shards import Shards, Slot, shaped
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from .averaged import BaseAveragedModel
 
 STATE_KEYS = ("steps", "rule", "keys", "average")
-
-
-def _sharded(avg: BaseAveragedModel) -> bool:
-    return avg.placement == "sharded" and avg.topology.world > 1
 
 
 def _mesh(avg: BaseAveragedModel) -> DeviceMesh:
@@ -90,7 +83,7 @@ def _snapshot(shards: Shards) -> list[torch.Tensor]:
 def state_dict(avg: BaseAveragedModel) -> dict[str, Any]:
     """See [Note: state dict form] and [Note: staged load]."""
     tensors: dict[str, torch.Tensor] = {}
-    mesh = _mesh(avg) if _sharded(avg) else None
+    mesh = _mesh(avg) if avg.sharded else None
     for slot, view in zip(avg.shards.slots, _snapshot(avg.shards), strict=True):
         if mesh is not None and slot.chunked and len(slot.shape) > 0:
             tensors[slot.key] = DTensor.from_local(
@@ -111,8 +104,10 @@ def state_dict(avg: BaseAveragedModel) -> dict[str, Any]:
     }
 
 
-def load_state_dict(avg: BaseAveragedModel, sd: dict[str, Any]) -> None:
+def load_state_dict(avg: BaseAveragedModel, sd: dict[str, Any]) -> int:
     """Check everything first, then copy: a bad checkpoint leaves the average untouched.
+
+    Returns the checkpoint's step count, for the averager to adopt.
 
     ``sd`` is what ``state_dict()`` returned, filled by ``dcp.load``; or any dict of that
     form in which the tensors this rank keeps are either its ``Shard(0)`` chunk or the
@@ -145,7 +140,7 @@ def load_state_dict(avg: BaseAveragedModel, sd: dict[str, Any]) -> None:
         srcs.append(_local_source(slot, sd["average"][slot.key], tuple(dst.shape)))
     if dsts:
         torch._foreach_copy_(dsts, srcs)
-    avg._steps = steps
+    return steps
 
 
 def _parse(name: str, value: Any) -> Any:
@@ -187,117 +182,6 @@ def _local_source(slot: Slot, src: Any, want: tuple[int, ...]) -> torch.Tensor:
             f"{tuple(local.shape)}, this rank keeps {want}"
         )
     return local
-
-
-def full_state_dict(avg: BaseAveragedModel) -> dict[str, torch.Tensor]:
-    """The whole average on ``owner_rank`` (see ``BaseAveragedModel.full_state_dict``).
-
-    Chunked tensors of a sharded average are gathered (one collective per dtype); the
-    others the owner holds whole.
-    """
-    topo, shards = avg.topology, avg.shards
-    gathered: dict[int, torch.Tensor] = {}
-    if _sharded(avg):
-        chunked = [i for i, s in enumerate(shards.slots) if s.chunked]
-        comm = ChunkComm(
-            [shards.slots[i].shape for i in chunked],
-            [shards.slots[i].dtype for i in chunked],
-            topo.world,
-            topo.rank,
-            avg.device,
-        )
-        pieces = comm.gather([shards.views[i] for i in chunked], avg.owner_rank)
-        for i, p in zip(chunked, pieces or [], strict=False):
-            gathered[i] = torch.cat(p).view(shards.slots[i].shape)
-    if topo.rank != avg.owner_rank:
-        return {}
-    out = {}
-    for i, spec in enumerate(topo.specs):
-        t = gathered[i] if i in gathered else shards.view(i).clone()
-        for key in (spec.key, *spec.aliases):
-            out[key] = t
-    return out
-
-
-class Swap:
-    """Puts the average into the live model and its own values back (see ``swapped``).
-
-    Into the live tensors, by where the average of each lives:
-      * a chunk on every rank: each rank writes its chunk; replicated (DDP) tensors are
-        then rebuilt whole with one all-gather per dtype; FSDP2 shards need nothing more;
-      * whole on the owner: the owner writes it and broadcasts it (replicated tensors), or
-        scatters its chunks (FSDP2 shards).
-    Back, by what the live tensors are: parameters are identical on every rank (DDP) or
-    sharded (FSDP2), so each rank backs up only its chunk and replicated ones are rebuilt
-    with an all-gather; buffers may differ across ranks, so each rank backs up its own.
-    """
-
-    def __init__(self, avg: BaseAveragedModel, model: nn.Module) -> None:
-        self.avg = avg
-        topo = avg.topology
-        topo.reshard(model)  # write into the shards FSDP2 gathers from, not a stale copy
-        self.flat = topo.locals(model)
-        self.chunks = []
-        for i, spec in enumerate(topo.specs):
-            a, b = chunk_bounds(spec.shape, topo.world, topo.rank)
-            la, _ = topo.local_bounds(i)
-            self.chunks.append(self.flat[i][a - la : b - la])
-        specs, slots = topo.specs, avg.shards.slots
-        n = range(len(specs))
-        self.chunked = [i for i in n if slots[i].chunked]
-        self.broadcast = [i for i in n if not slots[i].chunked and not specs[i].sharded]
-        self.scatter = [i for i in n if not slots[i].chunked and specs[i].sharded]
-        self.own = {i for i in n if not specs[i].is_param and not specs[i].sharded}
-        self.rebuilt = [i for i in n if specs[i].is_param and not specs[i].sharded]
-
-    def _backup_of(self, i: int) -> torch.Tensor:
-        return self.flat[i] if i in self.own else self.chunks[i]
-
-    def enter(self) -> None:
-        avg, topo = self.avg, self.avg.topology
-        views, owner = avg.shards.views, topo.rank == avg.owner_rank
-        self.backup = [self._backup_of(i).clone() for i in range(len(self.flat))]
-        _copy([self.chunks[i] for i in self.chunked], [views[i] for i in self.chunked])
-        self._all_gather([i for i in self.chunked if not topo.specs[i].sharded])
-        if self.broadcast and topo.world > 1:
-            if owner:
-                _copy([self.flat[i] for i in self.broadcast], [views[i] for i in self.broadcast])
-            broadcast_tensors([self.flat[i] for i in self.broadcast], avg.owner_rank)
-        if self.scatter:
-            slots = [avg.shards.slots[i] for i in self.scatter]
-            comm = ChunkComm(
-                [s.shape for s in slots],
-                [s.dtype for s in slots],
-                topo.world,
-                topo.rank,
-                avg.device,
-            )
-            mine = comm.scatter([views[i] for i in self.scatter] if owner else None, avg.owner_rank)
-            _copy([self.chunks[i] for i in self.scatter], mine)
-
-    def exit(self) -> None:
-        _copy([self._backup_of(i) for i in range(len(self.flat))], self.backup)
-        self._all_gather(self.rebuilt)
-
-    def _all_gather(self, indices: list[int]) -> None:
-        """Rebuild the whole live tensors ``indices`` from every rank's chunk."""
-        topo = self.avg.topology
-        if topo.world == 1 or not indices:
-            return
-        specs = [topo.specs[i] for i in indices]
-        comm = ChunkComm(
-            [s.shape for s in specs], [s.dtype for s in specs], topo.world, topo.rank, topo.device
-        )
-        pieces = comm.all_gather([self.chunks[i] for i in indices])
-        for i, p in zip(indices, pieces, strict=True):
-            if p:
-                torch.cat(p, out=self.flat[i])
-
-
-def _copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
-    pairs = [(d, s) for d, s in zip(dsts, srcs, strict=True) if d.numel()]
-    for d, s in pairs:
-        d.copy_(s)
 
 
 def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:

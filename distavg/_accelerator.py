@@ -32,18 +32,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .engine import Engine, Snapshots, Sources, Update, Worker
+from .engine import Engine, Kind, Snapshots, Sources, Update, Worker
 from .shards import Shards
 
 BUCKET_BYTES = 32 << 20
 
 
-def _protect(flat: list[torch.Tensor], stream: object) -> None:
+def _protect(
+    flat: list[torch.Tensor], stream: object, done: list[torch.Tensor] | None
+) -> list[torch.Tensor]:
+    """Mark ``flat`` as used by ``stream`` (once per list); returns the list marked."""
     # The side stream reads the parameters, which were allocated on another stream: if the
     # model frees one while an update still reads it, the allocator must wait.
-    for t in flat:
-        if t.numel() and t.device.type != "cpu":
-            t.record_stream(stream)
+    if done is not flat:
+        for t in flat:
+            if t.numel() and t.device.type != "cpu":
+                t.record_stream(stream)
+    return flat
 
 
 class StreamEngine(Engine):
@@ -68,18 +73,15 @@ class StreamEngine(Engine):
         self._side = self._dm.Stream(device=device)
         self._ready = self._dm.Event()
         self._done = self._dm.Event()
-        self._snapshots = Snapshots(volatile)
+        self.snapshots = Snapshots(volatile)
         self._protected: list[torch.Tensor] | None = None
 
     def _current(self) -> object:
         return self._dm.current_stream(self.device)
 
     def capture(self, flat: list[torch.Tensor]) -> list[torch.Tensor]:
-        self.fence()  # the previous update may still read the snapshots
-        if self._protected is not flat:
-            _protect(flat, self._side)
-            self._protected = flat
-        return self._snapshots.take(flat)
+        self._protected = _protect(flat, self._side, self._protected)
+        return super().capture(flat)
 
     def submit(self, update: Update) -> None:
         self.fence()
@@ -97,7 +99,7 @@ class StreamEngine(Engine):
         self._done.synchronize()
 
     def held_bytes(self) -> dict[str, int]:
-        return {"accelerator": self._snapshots.nbytes, "pinned_host": 0}
+        return {"accelerator": self.snapshots.nbytes, "pinned_host": 0}
 
 
 @dataclass
@@ -196,14 +198,14 @@ class OffloadPlan:
                     region.copy_(packed, non_blocking=True)
             b.event.record(stream)
 
-    def apply(self, kind: str, weight: float) -> None:
+    def apply(self, kind: Kind, weight: float) -> None:
         """The CPU side, bucket by bucket as each lands (see [Note: offload pipeline])."""
         for b in self.buckets:
             b.event.synchronize()
             for avg, src, averaged in b.work:
-                if not averaged or kind == "copy":
+                if not averaged or kind is Kind.COPY:
                     avg.copy_(src)
-                elif kind == "lerp":
+                elif kind is Kind.LERP:
                     avg.lerp_(src if src.dtype == avg.dtype else src.to(avg.dtype), weight)
 
 
@@ -237,12 +239,12 @@ class OffloadEngine(Engine):
         self._side = self._dm.Stream(device=device)
         self._ready = self._dm.Event()
         self._copied = self._dm.Event()
-        self._snapshots = Snapshots(
+        self.snapshots = Snapshots(
             volatile,
             alloc=lambda t: torch.empty(t.shape, dtype=t.dtype, pin_memory=True),
             non_blocking=True,
         )
-        self._worker = None if blocking else Worker()
+        self.worker = None if blocking else Worker()
         self._plans: dict[bool, tuple[object, OffloadPlan]] = {}
         self._staging: dict[torch.dtype, torch.Tensor] = {}
         self._scratch: torch.Tensor | None = None
@@ -251,16 +253,14 @@ class OffloadEngine(Engine):
     def _current(self) -> object:
         return self._dm.current_stream(self.device)
 
-    def _join(self) -> None:
-        if self._worker is not None:
-            self._worker.join()
+    def _settle(self) -> None:
+        # The worker may still read the snapshots (and the staging).
+        if self.worker is not None:
+            self.worker.join()
 
     def capture(self, flat: list[torch.Tensor]) -> list[torch.Tensor]:
-        self._join()  # the worker may still read the snapshots
-        if self._protected is not flat:
-            _protect(flat, self._side)
-            self._protected = flat
-        return self._snapshots.take(flat)
+        self._protected = _protect(flat, self._side, self._protected)
+        return super().capture(flat)
 
     def _stage(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
         t = self._staging.get(dtype)
@@ -296,36 +296,29 @@ class OffloadEngine(Engine):
         return cached[1]
 
     def submit(self, update: Update) -> None:
-        self._join()  # staging is reused
+        self._settle()  # staging is reused
         self._ready.record(self._current())
         self._side.wait_event(self._ready)
         with self._dm.stream(self._side):
-            plan = self._plan(update.sources(), update.kind == "follow")
+            plan = self._plan(update.sources(), update.kind is Kind.FOLLOW)
             plan.copy(self._pack, self._side)
             self._copied.record(self._side)
-        if self._worker is None:
+        if self.worker is None:
             plan.apply(update.kind, update.weight)
         else:
-            self._worker.put(lambda: plan.apply(update.kind, update.weight))
+            self.worker.put(lambda: plan.apply(update.kind, update.weight))
 
     def fence(self) -> None:
         self._current().wait_event(self._copied)
 
     def wait(self) -> None:
         self.fence()
-        self._join()
+        self._settle()
         self._copied.synchronize()
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            if self._worker is not None:
-                self._worker.close()
 
     def held_bytes(self) -> dict[str, int]:
         staging = sum(t.numel() * t.element_size() for t in self._staging.values())
         return {
             "accelerator": 0 if self._scratch is None else self._scratch.numel(),
-            "pinned_host": staging + self._snapshots.nbytes,
+            "pinned_host": staging + self.snapshots.nbytes,
         }
