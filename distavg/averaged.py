@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import atexit
 import copy
+import inspect
 import logging
+import os
+import sys
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
@@ -22,15 +25,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import state, swap
+from . import _args, state, swap
 from ._comm import ChunkComm
-from .engine import Engine, Kind, StepWatch, SyncEngine, Update, WorkerEngine
+from ._steps import StepWatch, remove_inert_hooks
+from .engine import Engine, Kind, SyncEngine, Update, WorkerEngine
 from .shards import Shards, Slot, chunk_bounds
 from .topology import Topology, unwrap
 
 logger = logging.getLogger(__name__)
 
-PLACEMENTS = ("sharded", "owner")
+# update_parameters calls without an optimizer step before the average warns that nothing
+# is being averaged (gradient accumulation calls it once per micro-batch: leave room).
+NO_STEP_CALLS = 100
 
 # Averages still open at interpreter exit: a worker thread left running into interpreter
 # finalisation aborts the process, so each is closed (its last update applied) first.
@@ -39,8 +45,20 @@ _OPEN: weakref.WeakSet[BaseAveragedModel] = weakref.WeakSet()
 
 @atexit.register
 def _close_open_averages() -> None:
+    failed = False
     for avg in list(_OPEN):
-        avg.close()
+        try:
+            avg.close()
+        except Exception:
+            logger.exception("closing %s at interpreter exit failed", type(avg).__name__)
+            failed = True
+    if failed:
+        # An exception in an atexit handler is printed and the process still exits 0: a
+        # job runner would take a lost update for success.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 class BaseAveragedModel:
@@ -67,11 +85,34 @@ class BaseAveragedModel:
         async_update: only enqueue each update; it overlaps the next forward and backward
             and is fenced before the optimizer's next ``step()`` (see [Note: the fence] in
             engine.py). Results are bitwise those of synchronous updates.
-        optimizer: the optimizer that steps ``model``; required with ``async_update``. When
-            given, an update is pushed only after a real optimizer step: after a step that
-            ``torch.amp.GradScaler`` skipped, :meth:`update_parameters` does nothing and
-            does not count.
+        optimizer: the optimizer that steps ``model``, or a list of them (one per
+            parameter group, Muon + AdamW); required with ``async_update``. When given, an
+            update is pushed only after a real step of one of them: after a step that
+            ``torch.amp.GradScaler`` skipped (also inside a fused optimizer),
+            :meth:`update_parameters` does nothing and does not count (see [Note: which
+            steps count] in _steps.py). With ``async_update`` every optimizer that holds a
+            parameter of the model is fenced; any other code that writes the parameters
+            must call :meth:`wait` first.
+
+    The average starts as a copy of ``model`` (like ``torch.optim.swa_utils.AveragedModel``
+    and mmengine), so it is readable before the first update; the first counted
+    :meth:`update_parameters` copies the source again.
     """
+
+    # Keyword arguments that name another convention's parameter, and the hint they get.
+    _RENAMED = {"decay": "momentum = 1 - decay"}
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> BaseAveragedModel:
+        params = inspect.signature(cls.__init__).parameters
+        for name, hint in cls._RENAMED.items():
+            if name in kwargs and name not in params:
+                value = kwargs[name]
+                raise ValueError(
+                    f"{cls.__name__} takes no {name}= (got {name}={value!r}): it takes "
+                    f"momentum, the weight of the new value ({hint}"
+                    + (f": momentum={1 - value:.6g})" if isinstance(value, int | float) else ")")
+                )
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -84,36 +125,21 @@ class BaseAveragedModel:
         owner_rank: int = 0,
         dtype: torch.dtype | None = None,
         async_update: bool = False,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     ) -> None:
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
-        if placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise ValueError(
-                f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
-            )
-        if async_update and optimizer is None:
-            raise ValueError(
-                "async_update=True needs optimizer=<the model's optimizer>, got optimizer=None: "
-                "the update is fenced before the optimizer's next step() by a step pre-hook"
-            )
+        remove_inert_hooks()
+        _args.check_options(interval, update_buffers, placement, dtype, async_update)
+        optimizers = _args.optimizers(optimizer, async_update)
         self.topology = topo = Topology(model)
-        if (
-            isinstance(owner_rank, bool)
-            or not isinstance(owner_rank, int)
-            or not (0 <= owner_rank < topo.world)
-        ):
-            raise ValueError(f"owner_rank must be a rank in [0, {topo.world}), got {owner_rank!r}")
+        _args.check_owner_rank(owner_rank, topo.world)
         self.interval = interval
         self.update_buffers = update_buffers
         self.placement = placement
         self.owner_rank = owner_rank
-        self.device = topo.device if device is None else torch.device(device)
+        self.device = _args.resolve_device(device, topo.device)
         self._steps = 0
+        self._unstepped = 0  # update_parameters calls since the last real optimizer step
+        self._warned_no_step = self._warned_world = False
         self._warned_precision = False
         self._owner_push = placement == "owner" and topo.kind == "fsdp2" and topo.world > 1
         self.shards = Shards(
@@ -121,6 +147,8 @@ class BaseAveragedModel:
             self.device,
             pin=self.device.type == "cpu" and topo.device.type != "cpu",
         )
+        averaged = [s for s in self.shards.slots if s.averaged]
+        _args.check_lerp_dtypes([s.key for s in averaged], [s.dtype for s in averaged])
         low = (torch.bfloat16, torch.float16)  # checked on every averaging call: found once
         self._low_dtypes = list(
             dict.fromkeys(s.dtype for s in self.shards.slots if s.averaged and s.dtype in low)
@@ -137,16 +165,24 @@ class BaseAveragedModel:
             group=self._group,
         )
         self._sources_cache: tuple[object, list] | None = None
-        self.async_update = bool(async_update)
+        self.async_update = async_update
         self.engine = make_engine(
             self.shards,
             topo.device,
-            async_update=self.async_update,
+            async_update=async_update,
             volatile=[i for i, s in enumerate(topo.specs) if not s.is_param],
         )
-        self._watch = None if optimizer is None else StepWatch(optimizer, self.engine)
+        self._watch = None
+        if optimizers:
+            self._watch = StepWatch(
+                optimizers,
+                self.engine,
+                params=list(unwrap(model).parameters()) if async_update else None,
+                cuda=topo.device.type == "cuda",
+            )
         self._closed = False
         _OPEN.add(self)
+        self._seed(model)
         self._module = self._build_module(model)
 
     # -- construction ---------------------------------------------------------------
@@ -228,20 +264,25 @@ class BaseAveragedModel:
     def update_parameters(self, model: nn.Module) -> None:
         """Push this rank's source data into the average (see the class docstring).
 
-        With an optimizer, nothing happens unless it stepped since the last call. With
-        ``async_update`` the update is only enqueued; an error it raised surfaces here or
-        at the next fence.
+        With an optimizer, nothing happens unless it stepped since the last call (so it may
+        be called on every micro-batch of gradient accumulation). With ``async_update`` the
+        update is only enqueued; an error it raised surfaces here or at the next fence.
+        Every rank must call it, the same number of times.
         """
         if self._closed:
             raise RuntimeError(
                 f"this {type(self).__name__} was closed: it takes no more updates (its "
                 f"average stays readable)"
             )
+        remove_inert_hooks()
         self._check_group()
+        if self._watch is not None and not self._watch.stepped():
+            self.engine.raise_pending()
+            self._no_step()
+            return
+        self._unstepped = 0
         # Capturing first also fences the previous update and raises its error, if any.
         flat = self.engine.capture(self.topology.local_tensors(model))
-        if self._watch is not None and not self._watch.stepped():
-            return
         steps = self._steps
         kind, w = (Kind.COPY, 0.0) if steps == 0 else (Kind.FOLLOW, 0.0)
         if steps and steps % self.interval == 0:
@@ -280,13 +321,45 @@ class BaseAveragedModel:
         self._sources_cache = (flat, sources)
         return sources
 
-    def _check_group(self) -> None:
-        if self.topology.world > 1 and not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
-                f"the process group this average was built with (world size "
-                f"{self.topology.world}) is gone; it cannot be updated or gathered (its "
-                f"values are unchanged). Call this before destroy_process_group()"
+    def _seed(self, model: nn.Module) -> None:
+        """Start as a copy of ``model``: one synchronous copy through the engine."""
+        flat = self.engine.capture(self.topology.local_tensors(model))
+        self.engine.submit(Update(Kind.COPY, 0.0, lambda: self._sources(flat)))
+        self.engine.wait()
+
+    def _no_step(self) -> None:
+        self._unstepped += 1
+        if self._unstepped == NO_STEP_CALLS and not self._warned_no_step:
+            self._warned_no_step = True
+            names = ", ".join(type(o).__name__ for o in self._watch.optimizers)
+            since = "was built" if self._steps == 0 else "last counted an update"
+            warnings.warn(
+                f"update_parameters was called {NO_STEP_CALLS} times since the average {since}, "
+                f"and the optimizer given ({names}) never stepped in between: nothing was "
+                f"averaged. Check that optimizer= is the optimizer that steps this model (not "
+                f"one built after the average, or another model's); steps that GradScaler "
+                f"skips do not count either",
+                stacklevel=3,
             )
+
+    def _check_group(self) -> None:
+        world = self.topology.world
+        initialized = dist.is_available() and dist.is_initialized()
+        if world > 1 and not initialized:
+            raise RuntimeError(
+                f"the process group this average was built with (world size {world}) is "
+                f"gone; it cannot be updated or gathered (its values are unchanged). Call "
+                f"this before destroy_process_group()"
+            )
+        if world == 1 and initialized and not self._warned_world:
+            self._warned_world = True
+            if dist.get_world_size() > 1:
+                warnings.warn(
+                    f"this average was built before init_process_group: it is a whole copy on "
+                    f"each of the {dist.get_world_size()} ranks, not sharded. Build it after "
+                    f"init_process_group and after wrapping the model (DDP, fully_shard)",
+                    stacklevel=3,
+                )
 
     def _check_precision(self, w: float) -> None:
         if self._warned_precision:
@@ -312,18 +385,28 @@ class BaseAveragedModel:
 
         Called on destruction too. The average stays readable; it takes no more updates.
         """
+        self._close(finalizing=False)
+
+    def _close(self, *, finalizing: bool) -> None:
         self._closed = True
         _OPEN.discard(self)
         watch, self._watch = getattr(self, "_watch", None), None
         if watch is not None:
-            watch.remove()
+            watch.remove(now=not finalizing)  # see [Note: hook removal] in _steps.py
         engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.close()
+        try:
+            if engine is not None:
+                engine.close()
+        finally:
+            group, self._group = getattr(self, "_group", None), None
+            # A finaliser may run on the worker thread: communicators are torn down only
+            # by an explicit close() (or at interpreter exit).
+            if group is not None and not finalizing and dist.is_initialized():
+                dist.destroy_process_group(group)
 
     def __del__(self) -> None:
         try:
-            self.close()
+            self._close(finalizing=True)
         except Exception as e:  # no way to raise from a finaliser: say it
             logger.warning("closing %s failed: %s", type(self).__name__, e)
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -97,6 +96,11 @@ class Engine:
 
     def __init__(self, shards: Shards) -> None:
         self.shards = shards
+
+    def raise_pending(self) -> None:
+        """Raise an error a deferred update already reported, without waiting."""
+        if self.worker is not None:
+            self.worker.raise_pending()
 
     def _settle(self) -> None:
         """Return when the previous update no longer reads the snapshots."""
@@ -230,6 +234,9 @@ class Worker:
     def join(self) -> None:
         """Block until every job ran; raise the first error a job raised since the last join."""
         self._jobs.join()
+        self.raise_pending()
+
+    def raise_pending(self) -> None:
         _raise_pending(self._errors)
 
     def close(self) -> None:
@@ -258,53 +265,3 @@ class WorkerEngine(Engine):
 
     def fence(self) -> None:
         self.worker.join()
-
-
-def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The optimizer whose ``step()`` writes the parameters, inside wrappers that keep it as
-    ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``)."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
-class StepWatch:
-    """Installs the fence on an optimizer and learns of its real steps.
-
-    The step pre-hook fences (see [Note: the fence]); the post-hook records that a step
-    happened. A step that ``torch.amp.GradScaler`` skips (inf/nan gradients) never calls
-    ``optimizer.step()``, so neither hook runs and :meth:`take` reports no step.
-
-    Args:
-        optimizer: the optimizer whose steps write the parameters. A wrapper that keeps
-            the real optimizer as ``.optimizer`` (accelerate's ``AcceleratedOptimizer``)
-            is looked through: the hooks go on the optimizer that steps.
-        engine: the engine to fence; held weakly, so the hooks never keep it alive.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, engine: Engine) -> None:
-        optimizer = unwrap_optimizer(optimizer)
-        self._engine = weakref.ref(engine)
-        self._stepped = False
-        self._handles = [
-            optimizer.register_step_pre_hook(self._pre),
-            optimizer.register_step_post_hook(self._post),
-        ]
-
-    def _pre(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        engine = self._engine()
-        if engine is not None:
-            engine.fence()
-
-    def _post(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        self._stepped = True
-
-    def stepped(self) -> bool:
-        """Whether the optimizer stepped since the last call (and forget it)."""
-        stepped, self._stepped = self._stepped, False
-        return stepped
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []

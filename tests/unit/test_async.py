@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from torch import nn
 
 import distavg
 from distavg._accelerator import OffloadPlan
-from distavg.engine import Kind, StepWatch, SyncEngine, WorkerEngine
+from distavg._steps import StepWatch
+from distavg.engine import Kind, SyncEngine, WorkerEngine
 
 RULES = all_rules()
 
@@ -70,7 +72,10 @@ def test_async_without_optimizer_raises():
 
 
 def test_optimizer_of_wrong_type_raises():
-    with pytest.raises(ValueError, match="optimizer must be a torch.optim.Optimizer or None, got"):
+    with pytest.raises(
+        ValueError,
+        match="optimizer must be a torch.optim.Optimizer, a list of them, or None, got str",
+    ):
         distavg.StochasticWeightAverage(_model(), optimizer="sgd")
 
 
@@ -121,27 +126,48 @@ def test_update_without_a_step_does_nothing():
 
 
 class _Gate:
-    """Holds the worker inside the next update until released."""
+    """Holds the worker inside the next update until the first fence after :meth:`arm`.
 
-    def __init__(self, avg: distavg.BaseAveragedModel) -> None:
+    Only that fence releases the update, and only after checking that it is still in
+    flight (entered, not finished) and after the test's own ``check``: so a caller that
+    reads the average without fencing reads it with the update held, on any machine and
+    under any load, and the race the fence prevents always happens.
+    """
+
+    def __init__(self, avg: distavg.BaseAveragedModel, op: str = "lerp") -> None:
         avg.wait()  # hold the next update, not one already queued
-        self.entered, self.release = threading.Event(), threading.Event()
-        self.avg, self.op = avg, avg.shards.lerp
+        self.entered, self.release, self.finished = (threading.Event() for _ in range(3))
+        self.armed = False
+        self.fenced_in_flight = 0  # fences that found the held update in flight
+        self.check = lambda: None
+        apply, fence = getattr(avg.shards, op), avg.engine.fence
 
         def held(*args, **kwargs):
             self.entered.set()
-            assert self.release.wait(10)
-            self.op(*args, **kwargs)
+            assert self.release.wait(10), "the held update was never fenced"
+            apply(*args, **kwargs)
+            self.finished.set()
 
-        avg.shards.lerp = held
+        def gated_fence() -> None:
+            if self.armed and not self.release.is_set():
+                assert self.entered.wait(10), "the update never reached the worker"
+                assert not self.finished.is_set()
+                self.check()  # the update is held: whatever the test sees here is stale
+                self.fenced_in_flight += 1
+                self.release.set()
+            fence()
 
-    def open_later(self, seconds: float = 0.2) -> None:
-        assert self.entered.wait(10)  # the update is in flight now
-        threading.Timer(seconds, self.release.set).start()
+        setattr(avg.shards, op, held)
+        avg.engine.fence = gated_fence
+
+    def arm(self, check: Callable[[], None] = lambda: None) -> None:
+        """The update is enqueued: hold it until the next fence, which runs ``check`` first."""
+        self.check, self.armed = check, True
 
 
 def _inflight_pair(lr: float, warm_steps: int):
-    """A sync and an async EMA of one model; the async one's last update is held in flight."""
+    """A sync and an async EMA of one model; the async one's last update is held in flight
+    until the next fence, which first checks that the async average still lags."""
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     sync = distavg.ExponentialMovingAverage(model, momentum=0.3, optimizer=opt)
@@ -151,27 +177,36 @@ def _inflight_pair(lr: float, warm_steps: int):
         sync.update_parameters(model)
         asyn.update_parameters(model)
     gate = _Gate(asyn)
+    before = {d: g.flat.clone() for d, g in asyn.shards.groups.items()}
     _step(model, opt, torch.randn(16, 8))
     sync.update_parameters(model)
     asyn.update_parameters(model)
-    gate.open_later()
-    return model, opt, sync, asyn
+
+    def still_lagging() -> None:
+        held = {d: g.flat.clone() for d, g in asyn.shards.groups.items()}
+        _assert_bitwise(held, before)
+        assert not all(torch.equal(held[d], sync.shards.groups[d].flat) for d in held)
+
+    gate.arm(still_lagging)
+    return model, opt, sync, asyn, gate
 
 
 def test_swapped_during_inflight_update_sees_the_finished_update():
-    model, _, sync, asyn = _inflight_pair(lr=0.05, warm_steps=3)
+    model, _, sync, asyn, gate = _inflight_pair(lr=0.05, warm_steps=3)
     with asyn.swapped(model) as m:
         got = {k: v.clone() for k, v in m.state_dict().items()}
+    assert gate.fenced_in_flight == 1
     want = sync.full_state_dict()
     for k in want:
         assert torch.equal(got[k], want[k]), k
 
 
 def test_optimizer_step_waits_for_the_inflight_update():
-    model, opt, sync, asyn = _inflight_pair(lr=0.5, warm_steps=2)
+    model, opt, sync, asyn, gate = _inflight_pair(lr=0.5, warm_steps=2)
     # Forward mutates the BatchNorm statistics and the step writes the parameters while
     # the update is held: it must still see the values of the step it was enqueued after.
     _step(model, opt, torch.randn(16, 8))
+    assert gate.fenced_in_flight == 1  # the step's pre-hook fenced the held update
     _assert_bitwise(_flats(sync), _flats(asyn))
 
 
@@ -200,9 +235,11 @@ def test_worker_exception_surfaces_on_the_next_call():
         avg.wait()
     assert isinstance(info.value.__cause__, OSError)
     avg.wait()
-    # ... at the next update_parameters(), even one after a skipped step
+    # ... at the next update_parameters(), even one after a skipped step (which does not
+    # fence: it raises what the worker already reported)
     _step(model, opt, torch.randn(4, 8))
     avg.update_parameters(model)
+    avg.engine.worker._jobs.join()  # the failed update has finished
     with pytest.raises(RuntimeError, match="disk on fire"):
         avg.update_parameters(model)
     # ... and at swapped()
@@ -218,21 +255,17 @@ def test_close_fences_removes_hooks_and_stops_the_worker():
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     avg = distavg.StochasticWeightAverage(model, async_update=True, optimizer=opt)
     thread = avg.engine.worker._thread
-    gate_release = threading.Event()
-    op = avg.shards.copy_all
-    done = []
-
-    def slow(*args):
-        assert gate_release.wait(10)
-        op(*args)
-        done.append(True)
-
-    avg.shards.copy_all = slow
+    gate = _Gate(avg, op="copy_all")  # the first counted update copies
     _step(model, opt, torch.randn(4, 8))
     avg.update_parameters(model)
-    threading.Timer(0.2, gate_release.set).start()
+
+    def worker_busy() -> None:
+        assert thread.is_alive()
+
+    gate.arm(worker_busy)
     avg.close()
-    assert done and not thread.is_alive()
+    assert gate.fenced_in_flight == 1 and gate.finished.is_set()
+    assert not thread.is_alive()
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
     _step(model, opt, torch.randn(4, 8))
     with pytest.raises(RuntimeError, match="StochasticWeightAverage was closed: it takes no more"):
@@ -260,14 +293,16 @@ def test_destruction_stops_the_worker_and_releases_the_optimizer():
     gc.collect()
     thread.join(5)
     assert not thread.is_alive()
-    assert not opt._optimizer_step_pre_hooks
-    _step(model, opt, torch.randn(4, 8))  # no fence left behind
+    _step(model, opt, torch.randn(4, 8))  # the hooks left behind are inert
+    # ... and removed at the next safe point: any averager's construction
+    distavg.StochasticWeightAverage(model).close()
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
 
 
 def test_step_watch_counts_real_steps_only():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    watch = StepWatch(opt, SyncEngine(None))
+    watch = StepWatch([opt], SyncEngine(None))
     assert not watch.stepped()
     _step(model, opt, torch.randn(4, 8))
     assert watch.stepped() and not watch.stepped()
@@ -323,24 +358,23 @@ def test_offload_buckets_and_cpu_math_equal_the_shards_update_bitwise(dtype, thr
         _assert_bitwise(_flats(ref), _flats(off))
 
 
-class _WrappedOptimizer(torch.optim.Optimizer):
-    """Like accelerate's AcceleratedOptimizer: an Optimizer that never ran its __init__
-    and steps the real optimizer it holds as ``.optimizer``."""
+@pytest.fixture
+def accelerator():
+    """accelerate's real ``Accelerator`` on CPU, one process; its global state reset after."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
-
-    def step(self, closure=None):
-        return self.optimizer.step(closure)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none)
+    yield accelerate.Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def test_a_wrapped_optimizer_is_looked_through():
+def test_accelerate_prepared_optimizer_is_looked_through(accelerator):
+    from accelerate.optimizer import AcceleratedOptimizer
+
     model = _model()
     inner = torch.optim.SGD(model.parameters(), lr=0.05)
-    opt = _WrappedOptimizer(inner)
+    opt = accelerator.prepare(inner)
+    assert isinstance(opt, AcceleratedOptimizer) and opt.optimizer is inner
     sync = distavg.ExponentialMovingAverage(model, momentum=0.2, optimizer=inner)
     asyn = distavg.ExponentialMovingAverage(model, momentum=0.2, async_update=True, optimizer=opt)
     for _ in range(5):

@@ -35,7 +35,7 @@ def _assert_same(a, b):
         ({"owner_rank": 3}, r"owner_rank must be a rank in \[0, 1\), got 3"),
         (
             {"dtype": torch.int32},
-            r"dtype must be a floating-point torch.dtype or None, got torch.int32",
+            r"dtype must be None or one of torch.float16, torch.bfloat16, torch.float32, torch.float64 \(the dtypes the update can lerp in\), got torch.int32",
         ),
     ],
 )
