@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from . import __version__
 
@@ -32,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
         help="write the average in a DCP checkpoint as one model file, offline",
         description="Read the average saved under KEY in a torch.distributed.checkpoint "
         "directory (any world size wrote it) and write it as a file that a plain "
-        "model.load_state_dict accepts: safetensors for *.safetensors, else torch.save.",
+        "model.load_state_dict accepts: safetensors for *.safetensors, torch.save for "
+        "*.pt, *.pth and *.bin. The checkpoint is checked against its checksums and read "
+        "without running code from it; OUT is replaced only once completely written.",
     )
     export.add_argument("ckpt_dir", metavar="CKPT_DIR", help="the DCP checkpoint directory")
     export.add_argument("out", metavar="OUT", help="the model file to write")
@@ -53,15 +56,32 @@ def main(argv: list[str] | None = None) -> int:
         return int(bench_main(rest) or 0)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
+    return _export(args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    """``distavg export``: every failure is one line on stderr and exit status 1."""
     from .export import export_checkpoint
 
-    try:
-        out = export_checkpoint(args.ckpt_dir, args.out, key=args.key, format=args.format)
-    except (ValueError, ImportError) as e:
-        print(f"distavg export: error: {e}", file=sys.stderr)
-        return 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            out = export_checkpoint(args.ckpt_dir, args.out, key=args.key, format=args.format)
+        except Exception as e:  # the message is the report; a traceback would bury it
+            known = isinstance(e, ValueError | ImportError | OSError)
+            _say("error", str(e) if known else f"{type(e).__name__}: {e}")
+            return 1
+        finally:
+            for w in caught:
+                if not str(w.message).startswith("torch.distributed is disabled"):
+                    _say("warning", str(w.message))
     print(f"wrote {out}")
     return 0
+
+
+def _say(level: str, message: str) -> None:
+    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    print(f"distavg export: {level}: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

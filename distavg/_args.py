@@ -97,12 +97,12 @@ def resolve_device(device: Any, params: torch.device) -> torch.device:
 
 def check_lerp_dtypes(keys: Sequence[str], dtypes: Sequence[torch.dtype]) -> None:
     """Every averaged tensor's average dtype is one the update can lerp in."""
-    bad = [f"{k} ({d})" for k, d in zip(keys, dtypes, strict=True) if d not in LERP_DTYPES]
+    bad = [(k, d) for k, d in zip(keys, dtypes, strict=True) if d not in LERP_DTYPES]
     if bad:
         raise ValueError(
-            f"cannot average tensors of dtype {bad[0].split(' ', 1)[1]}: {bad[:3]} (lerp "
-            f"supports {_names(LERP_DTYPES)}); pass dtype=torch.float32 to keep the average "
-            f"in float32"
+            f"cannot average tensors of dtype {bad[0][1]} ({[k for k, _ in bad[:3]]}...): the "
+            f"update lerps in {_names(LERP_DTYPES)}; pass dtype=torch.float32 to keep the "
+            f"average in float32"
         )
 
 

@@ -8,7 +8,9 @@ Rank ``r``'s chunk of tensor ``i`` is then ``recv[r][off_i : off_i + len_r]``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -119,3 +121,44 @@ def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int, group=None) -> 
         flat = torch.cat(ts)
         dist.broadcast(flat, src=src, group=group)
         torch._foreach_copy_(ts, list(torch.split(flat, [t.numel() for t in ts])))
+
+
+def collective_timeout() -> float:
+    """Seconds a rank waits for the others at the start of the average's collectives."""
+    return float(os.environ.get("DISTAVG_COLLECTIVE_TIMEOUT", "600"))
+
+
+def agree(what: str, steps: int, world: int, device: torch.device, group=None) -> None:
+    """Check that every rank called ``what`` and holds an average of ``steps`` updates.
+
+    Runs at the start of each collective of the average (gather, swap, save, load), never
+    per step. On gloo a monitored barrier fails within :func:`collective_timeout` naming
+    the ranks that did not arrive (elsewhere the process group's own timeout applies);
+    then one small all-gather compares the step counts, which differ when
+    ``update_parameters`` ran on some ranks only: their chunks would mix different
+    averages.
+    """
+    if world == 1:
+        return
+    if dist.get_backend(group) == "gloo":
+        try:
+            dist.monitored_barrier(
+                group=group, timeout=timedelta(seconds=collective_timeout()), wait_all_ranks=True
+            )
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"{what} is a collective: every rank must call it (not only inside "
+                f"`if rank == 0:`), and some ranks did not within "
+                f"DISTAVG_COLLECTIVE_TIMEOUT={collective_timeout():g}s: {e}"
+            ) from e
+    mine = torch.tensor([steps], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    counts = [int(t) for t in every]
+    if len(set(counts)) > 1:
+        raise RuntimeError(
+            f"{what}: the ranks' averages have different step counts "
+            f"({', '.join(f'rank {r}: {c}' for r, c in enumerate(counts))}): "
+            f"update_parameters must be called on every rank, the same number of times. "
+            f"The chunks would mix different averages, so none was used"
+        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import functools
 import inspect
 import logging
 import os
@@ -26,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _args, state, swap
-from ._comm import ChunkComm
+from ._comm import ChunkComm, agree
 from ._steps import StepWatch, remove_inert_hooks
 from .engine import Engine, Kind, SyncEngine, Update, WorkerEngine
 from .shards import Shards, Slot, chunk_bounds
@@ -59,6 +60,23 @@ def _close_open_averages() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
+
+
+def _decay_hint(init: Any) -> Any:
+    """``init`` that answers ``decay=`` (timm's and diffusers' name) with the fix."""
+
+    @functools.wraps(init)  # help() and editors still show init's own signature
+    def checked(self: BaseAveragedModel, *args: Any, **kwargs: Any) -> None:
+        if "decay" in kwargs:
+            value = kwargs["decay"]
+            fix = f": momentum={1 - value:.6g}" if isinstance(value, int | float) else ""
+            raise ValueError(
+                f"{type(self).__name__} takes no decay= (got decay={value!r}): it takes "
+                f"momentum, the weight of the new value (momentum = 1 - decay{fix})"
+            )
+        init(self, *args, **kwargs)
+
+    return checked
 
 
 class BaseAveragedModel:
@@ -99,20 +117,11 @@ class BaseAveragedModel:
     :meth:`update_parameters` copies the source again.
     """
 
-    # Keyword arguments that name another convention's parameter, and the hint they get.
-    _RENAMED = {"decay": "momentum = 1 - decay"}
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> BaseAveragedModel:
-        params = inspect.signature(cls.__init__).parameters
-        for name, hint in cls._RENAMED.items():
-            if name in kwargs and name not in params:
-                value = kwargs[name]
-                raise ValueError(
-                    f"{cls.__name__} takes no {name}= (got {name}={value!r}): it takes "
-                    f"momentum, the weight of the new value ({hint}"
-                    + (f": momentum={1 - value:.6g})" if isinstance(value, int | float) else ")")
-                )
-        return super().__new__(cls)
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and "momentum" in inspect.signature(init).parameters:
+            cls.__init__ = _decay_hint(init)
 
     def __init__(
         self,
@@ -300,11 +309,17 @@ class BaseAveragedModel:
         """Per slot, the 1-D source pieces that fill this rank's region.
 
         ``flat`` is this rank's local data of every tensor (as captured by the engine). For
-        the owner push this gathers, on the thread or stream the engine runs the update.
+        the owner push this gathers, on the thread or stream the engine runs the update;
+        the gathered buffers (the whole model, on the owner) serve that update only, so
+        nothing here keeps them.
         """
         topo = self.topology
-        if not self._owner_push and self._sources_cache and self._sources_cache[0] is flat:
-            return self._sources_cache[1]
+        if not self._owner_push:
+            # Cached per captured list, two of them: the asynchronous offload alternates
+            # between two (see [Note: offload pipeline] in _accelerator.py).
+            for key, cached in self._sources_cache or ():
+                if key is flat:
+                    return cached
         gathered = None
         if self._owner_push:
             chunks = [f if s.is_dtensor else f[:0] for s, f in zip(topo.specs, flat, strict=True)]
@@ -318,7 +333,8 @@ class BaseAveragedModel:
                 sources.append(gathered[i])
             else:
                 sources.append([flat[i][slot.start - la : slot.end - la]])
-        self._sources_cache = (flat, sources)
+        if not self._owner_push:
+            self._sources_cache = ((flat, sources), *(self._sources_cache or ())[:1])
         return sources
 
     def _seed(self, model: nn.Module) -> None:
@@ -437,7 +453,13 @@ class BaseAveragedModel:
 
         The model keeps its (possibly sharded) layout: under FSDP2 each rank writes its
         chunk into its own shard, with no gather. On exit, also on an exception, the
-        model's own values return bitwise. Extra memory: this rank's chunk of the model.
+        model's own values return bitwise; a failure while the average is being put in
+        (a peer died, a timeout) leaves the model untouched. Extra memory: this rank's chunk
+        of the model.
+
+        With more than one rank this is a collective: every rank must enter it (not only
+        inside ``if rank == 0:``); it first checks that all ranks arrive (within
+        ``DISTAVG_COLLECTIVE_TIMEOUT`` seconds on gloo) and hold the same step count.
         """
         self.wait()
         self._check_group()
@@ -451,16 +473,23 @@ class BaseAveragedModel:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole average with the unwrapped model's ``state_dict()`` keys.
 
-        A collective when the average is sharded: every rank must call it. Returns the
-        tensors on ``owner_rank`` and an empty dict elsewhere.
+        With more than one rank this is a collective, whatever the placement: every rank
+        must call it (it checks that the ranks hold the same step count, see
+        :meth:`swapped`). Returns the tensors on ``owner_rank`` and an empty dict elsewhere.
         """
         self.wait()
         self._check_group()
         return swap.full_state_dict(self)
 
     def state_dict(self) -> dict[str, Any]:
-        """The average in ``torch.distributed.checkpoint`` form (see state.py)."""
+        """The average in ``torch.distributed.checkpoint`` form (see state.py).
+
+        ``dcp.save`` and ``dcp.load`` call it on every rank; so must anyone else (it checks
+        that the ranks agree on the step count, a collective).
+        """
         self.wait()
+        topo = self.topology
+        agree("state_dict() (a checkpoint save or load)", self._steps, topo.world, topo.device)
         return state.state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

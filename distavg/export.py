@@ -8,15 +8,22 @@ Two sources:
     group, whatever world size wrote it (``python -m distavg export CKPT_DIR OUT``).
 
 The format follows the file name: ``.safetensors`` writes safetensors (the optional
-``safetensors`` package, imported only then), anything else ``torch.save``. Keys are the
-unwrapped model's ``state_dict()`` keys, tied weights under each of their names; tensors
-keep the average's dtype (``load_state_dict`` casts them into the model's).
+``safetensors`` package, imported only then), ``.pt``, ``.pth`` and ``.bin`` ``torch.save``;
+any other name needs the format given explicitly. Keys are the unwrapped model's
+``state_dict()`` keys, tied weights under each of their names; tensors keep the average's
+dtype (``load_state_dict`` casts them into the model's).
+
+A checkpoint is read without running code it contains (see [Note: untrusted checkpoints]
+in ``_reader.py``) and checked against the checksums saved with it (see [Note: checksum]
+in ``_checksum.py``). The file is written to a temporary file beside ``out`` and renamed
+over it only when complete: a failed export leaves no partial file, and the previous file
+at ``out`` stays as it was.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import uuid
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,14 +31,32 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorStorageMetadata,
+)
+
+from . import _reader
+from ._checksum import checksums, combine
+from .shards import rows_shape
+from .state import Record, parse_keys, row_span
 
 if TYPE_CHECKING:
     from .averaged import BaseAveragedModel
 
 FORMATS = ("safetensors", "torch")
+SUFFIXES = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch"}
 
-__all__ = ["FORMATS", "export_average", "export_checkpoint", "read_checkpoint", "save_file"]
+__all__ = [
+    "FORMATS",
+    "SUFFIXES",
+    "export_average",
+    "export_checkpoint",
+    "read_checkpoint",
+    "save_file",
+]
 
 
 def export_average(
@@ -49,7 +74,7 @@ def export_average(
     Returns:
         ``out`` on the owner rank, None on the others.
     """
-    fmt = _format(out, format)
+    fmt = _format(out, format)  # on every rank, before the collective
     state = avg.full_state_dict()
     if not state:
         return None
@@ -61,28 +86,23 @@ def read_checkpoint(ckpt_dir: str | os.PathLike, key: str = "ema") -> dict[str, 
 
     Needs no process group: the shards of every rank that saved are read and joined. The
     dict has the model's ``state_dict()`` keys in the model's order, tied weights under
-    each of their names (sharing one tensor).
+    each of their names (sharing one tensor). Runs no code from the checkpoint, and checks
+    every tensor against the checksum saved with it (checkpoints saved without checksums
+    are read with a warning).
 
     Args:
         ckpt_dir: a directory written by ``dcp.save({..., key: averager})``.
         key: the key the averager was saved under.
 
     Raises:
-        ValueError: ``ckpt_dir`` is not a finished DCP checkpoint, or holds no average
-            under ``key`` (the message lists the keys that do hold one).
+        ValueError: ``ckpt_dir`` is not a finished DCP checkpoint, holds no average under
+            ``key`` (the message lists the keys that do hold one), or a tensor does not
+            match its checksum (the message names the tensor and the shard file).
     """
     path = Path(ckpt_dir)
     if not path.is_dir():
         raise ValueError(f"ckpt_dir must be a checkpoint directory, got {str(path)!r}")
-    reader = dcp.FileSystemReader(path)
-    try:
-        metadata = reader.read_metadata()
-    except Exception as e:  # a missing or unreadable .metadata: say what it means
-        raise ValueError(
-            f"ckpt_dir {str(path)!r} is not a readable torch.distributed.checkpoint "
-            f"directory (its .metadata is missing or corrupt: the save may not have "
-            f"finished): {type(e).__name__}: {e}"
-        ) from e
+    metadata = _metadata(path)
     entries = metadata.state_dict_metadata
     prefix = f"{key}.average."
     if f"{key}.keys" not in entries:
@@ -99,19 +119,92 @@ def read_checkpoint(ckpt_dir: str | os.PathLike, key: str = "ema") -> dict[str, 
     try:
         with warnings.catch_warnings():  # one process is the intent here: no warning
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, storage_reader=reader, no_dist=True)
+            dcp.load(
+                state, storage_reader=_reader.Reader(path), planner=_reader.Planner(), no_dist=True
+            )
+        records = parse_keys(state[f"{key}.keys"])
     except (Exception, CheckpointException) as e:  # the latter is a BaseException
         raise ValueError(
             f"could not read the average under key={key!r} from {str(path)!r} (a shard "
-            f"file is missing or corrupt): {type(e).__name__}: {e}"
+            f"file is missing or corrupt): {_reason(e)}"
         ) from e
     out: dict[str, torch.Tensor] = {}
-    for name, aliases in json.loads(state[f"{key}.keys"]).items():
+    for name, record in records.items():
         if prefix + name not in state:
             raise ValueError(f"checkpoint {str(path)!r} has no tensor {name!r} under {key!r}")
-        for k in (name, *aliases):
-            out[k] = state[prefix + name]
+        tensor = state[prefix + name]
+        _check(path, metadata, prefix + name, tensor, record)
+        for k in (name, *record.aliases):
+            out[k] = tensor
+    if records and all(r.checksum is None for r in records.values()):
+        warnings.warn(
+            f"checkpoint {str(path)!r} has no checksums (saved by an earlier distavg): its "
+            f"average under key={key!r} is read unchecked",
+            stacklevel=2,
+        )
     return out
+
+
+def _metadata(path: Path) -> Metadata:
+    where = path / ".metadata"
+    try:
+        return _reader.read_metadata(where)
+    except _reader.NotACheckpoint as e:
+        raise ValueError(
+            f"ckpt_dir {str(path)!r} is not a torch.distributed.checkpoint directory: "
+            f"{str(where)!r} is not checkpoint metadata: {e}"
+        ) from None
+    except Exception as e:  # a missing or unreadable .metadata: say what it means
+        raise ValueError(
+            f"ckpt_dir {str(path)!r} is not a readable torch.distributed.checkpoint "
+            f"directory (its .metadata is missing or corrupt: the save may not have "
+            f"finished): {type(e).__name__}: {e}"
+        ) from e
+
+
+def _reason(e: BaseException) -> str:
+    """One line: the underlying errors of a ``CheckpointException``, not their tracebacks."""
+    if isinstance(e, CheckpointException):
+        return "; ".join(_reason(exc) for exc, _ in e.failures.values())
+    return " ".join(f"{type(e).__name__}: {e}".split("\n"))
+
+
+def _check(path: Path, metadata: Metadata, fqn: str, tensor: torch.Tensor, rec: Record) -> None:
+    """Raise if ``tensor`` does not match ``rec``'s checksum, naming the changed files."""
+    if rec.checksum is None:
+        return
+    flat = tensor.reshape(-1)
+    if tuple(combine(checksums([(flat, 0)]))) == rec.checksum:
+        return
+    name = fqn.split(".average.", 1)[1]
+    md = metadata.state_dict_metadata[fqn]
+    saved = {(c.start, c.end): c.checksum for c in rec.chunks}
+    bad = []
+    for chunk in md.chunks if isinstance(md, TensorStorageMetadata) else ():
+        span = _span(tensor.shape, chunk)
+        if span is None or span not in saved or span[0] == span[1]:
+            continue
+        (got,) = checksums([(flat[span[0] : span[1]], span[0])])
+        if tuple(got) != saved[span]:
+            info = metadata.storage_data.get(MetadataIndex(fqn, chunk.offsets))
+            file = path / info.relative_path if info is not None else path
+            bad.append(f"{str(file)!r} ({row_span(tensor.shape, *span)})")
+    where = f"its data in {', '.join(bad)}" if bad else "its data"
+    raise ValueError(
+        f"checkpoint tensor {name!r} under key={fqn.split('.average.', 1)[0]!r} does not "
+        f"match the checksum saved with it: {where} changed after the save (a corrupt "
+        f"shard file, or one of another save)"
+    )
+
+
+def _span(shape: torch.Size, chunk: ChunkStorageMetadata) -> tuple[int, int] | None:
+    """The elements ``[start, end)`` of the flattened tensor a row chunk holds."""
+    if len(shape) == 0:
+        return 0, 1
+    if any(chunk.offsets[1:]) or tuple(chunk.sizes[1:]) != tuple(shape[1:]):
+        return None
+    per_row = shape.numel() // rows_shape(shape)[0] if shape[0] else 0
+    return chunk.offsets[0] * per_row, (chunk.offsets[0] + chunk.sizes[0]) * per_row
 
 
 def export_checkpoint(
@@ -128,49 +221,118 @@ def export_checkpoint(
 
     Args:
         ckpt_dir: a directory written by ``dcp.save({..., key: averager})``.
-        out: the file to write: ``*.safetensors`` for safetensors, else ``torch.save``.
+        out: the file to write: ``*.safetensors`` for safetensors, ``*.pt``, ``*.pth`` or
+            ``*.bin`` for ``torch.save``.
         key: the key the averager was saved under.
         format: ``"safetensors"`` or ``"torch"``; None picks from the suffix of ``out``.
 
     Returns:
         ``out`` as a ``Path``.
     """
-    fmt = _format(out, format)
+    fmt, _ = _target(out, format)  # a bad OUT fails before the checkpoint is read
     return save_file(read_checkpoint(ckpt_dir, key), out, format=fmt)
 
 
 def save_file(
     state: dict[str, torch.Tensor], out: str | os.PathLike, *, format: str | None = None
 ) -> Path:
-    """Write a whole state dict as safetensors or with ``torch.save``.
+    """Write a whole state dict as safetensors or with ``torch.save``, atomically.
 
+    The data goes to a temporary file in ``out``'s directory, which replaces ``out`` only
+    once written and flushed to disk; on any failure it is removed and ``out`` is untouched.
     safetensors refuses tensors that share memory, so tied weights are written as copies
     there (``load_state_dict`` ties them again by loading into the shared parameter).
+
+    Raises:
+        ValueError: ``out`` is empty, a directory, in a missing directory, or has a suffix
+            that names no format (and ``format`` is None).
+        OSError: the write failed (disk full, permissions); ``out`` is as it was.
     """
-    fmt, out = _format(out, format), Path(out)
-    if fmt == "torch":
-        torch.save(state, out)
-        return out
+    fmt, path = _target(out, format)
+    if fmt == "safetensors":
+        try:
+            from safetensors.torch import save_file as _save_safetensors  # noqa: F401
+        except ImportError as e:
+            raise ImportError(
+                "writing .safetensors needs the safetensors package: "
+                "pip install 'distavg[safetensors]' (or write a .pt file)"
+            ) from e
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        from safetensors.torch import save_file as _save_safetensors
-    except ImportError as e:
-        raise ImportError(
-            "writing .safetensors needs the safetensors package: "
-            "pip install 'distavg[safetensors]' (or write a .pt file)"
-        ) from e
+        _write(state, tmp, fmt)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"writing {str(path)!r} failed: {e.strerror or e}") from e
+        raise
+    _sync_dir(path.parent)
+    return path
+
+
+def _write(state: dict[str, torch.Tensor], tmp: Path, fmt: str) -> None:
+    if fmt == "torch":
+        with open(tmp, "xb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return
+    import safetensors.torch
+
     seen: set[int] = set()
     flat = {}
     for k, t in state.items():
         t = t.detach().to("cpu").contiguous()
         flat[k] = t.clone() if t.untyped_storage().data_ptr() in seen else t
         seen.add(t.untyped_storage().data_ptr())
-    _save_safetensors(flat, str(out))
-    return out
+    open(tmp, "xb").close()  # claim the name, as the torch branch does
+    safetensors.torch.save_file(flat, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _sync_dir(directory: Path) -> None:
+    """Make the rename durable (POSIX); where directories cannot be opened, skip it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _target(out: str | os.PathLike, format: str | None) -> tuple[str, Path]:
+    """The format and path to write, or a ValueError saying what is wrong with ``out``."""
+    text = os.fspath(out)
+    if not text:
+        raise ValueError("out must name the file to write, got ''")
+    fmt, path = _format(text, format), Path(text)
+    if path.is_dir() or text.endswith(("/", os.sep)):
+        raise ValueError(
+            f"out must name a file, got the directory {text!r} (e.g. "
+            f"{str(path / 'average.safetensors')!r})"
+        )
+    if not path.parent.is_dir():
+        raise ValueError(
+            f"out {text!r} is in a directory that does not exist: {str(path.parent)!r}"
+        )
+    return fmt, path
 
 
 def _format(out: str | os.PathLike, format: str | None) -> str:
-    if format is None:
-        return "safetensors" if str(out).endswith(".safetensors") else "torch"
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS} or None, got {format!r}")
-    return format
+    if format is not None:
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS} or None, got {format!r}")
+        return format
+    suffix = Path(os.fspath(out)).suffix
+    if suffix in SUFFIXES:
+        return SUFFIXES[suffix]
+    hint = f" (suffixes are lower case: {suffix.lower()})" if suffix.lower() in SUFFIXES else ""
+    raise ValueError(
+        f"out must end in {', '.join(SUFFIXES)}, or the format must be given "
+        f"(format=, --format), got {os.fspath(out)!r}{hint}"
+    )

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._args import positive
 from .averaged import BaseAveragedModel
-
-
-def _positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
 class StochasticWeightAverage(BaseAveragedModel):
@@ -44,7 +41,8 @@ class ExponentialMovingAverage(BaseAveragedModel):
         model: the model being trained.
         momentum: weight of the new value, in (0, 1). Values above 0.5 are almost always
             a decay passed by mistake, and warn.
-        interval, device, update_buffers, **kwargs: see :class:`BaseAveragedModel`.
+        interval, device, update_buffers, placement, owner_rank, dtype, async_update,
+            optimizer: see :class:`BaseAveragedModel`.
     """
 
     def __init__(
@@ -54,11 +52,26 @@ class ExponentialMovingAverage(BaseAveragedModel):
         interval: int = 1,
         device: torch.device | str | None = None,
         update_buffers: bool = False,
-        **kwargs: Any,
+        *,
+        placement: str = "sharded",
+        owner_rank: int = 0,
+        dtype: torch.dtype | None = None,
+        async_update: bool = False,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     ) -> None:
         _check_momentum(momentum)
         self.momentum = momentum
-        super().__init__(model, interval, device, update_buffers, **kwargs)
+        super().__init__(
+            model,
+            interval,
+            device,
+            update_buffers,
+            placement=placement,
+            owner_rank=owner_rank,
+            dtype=dtype,
+            async_update=async_update,
+            optimizer=optimizer,
+        )
 
     def weight(self, steps: int) -> float:
         return self.momentum
@@ -97,11 +110,27 @@ class MomentumAnnealingEMA(ExponentialMovingAverage):
         interval: int = 1,
         device: torch.device | str | None = None,
         update_buffers: bool = False,
-        **kwargs: Any,
+        *,
+        placement: str = "sharded",
+        owner_rank: int = 0,
+        dtype: torch.dtype | None = None,
+        async_update: bool = False,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     ) -> None:
-        _positive("gamma", gamma)
+        positive("gamma", gamma)
         self.gamma = gamma
-        super().__init__(model, momentum, interval, device, update_buffers, **kwargs)
+        super().__init__(
+            model,
+            momentum,
+            interval,
+            device,
+            update_buffers,
+            placement=placement,
+            owner_rank=owner_rank,
+            dtype=dtype,
+            async_update=async_update,
+            optimizer=optimizer,
+        )
 
     def weight(self, steps: int) -> float:
         return max(self.momentum, self.gamma / (self.gamma + steps))
@@ -113,9 +142,10 @@ class MomentumAnnealingEMA(ExponentialMovingAverage):
 class WarmupEMA(BaseAveragedModel):
     """EMA with the warm-up of timm's ``ModelEmaV3`` and diffusers' ``EMAModel``.
 
-    ``decay = clamp(1 - (1 + steps / inv_gamma) ** -power, min_decay, decay_max)``,
-    ``w = 1 - decay``. ``power=2/3`` suits runs of ~100k steps (decay 0.999 at 10k);
-    ``power=3/4`` suits ~1M steps (0.999 at 10k, 0.9999 at 215k).
+    ``decay_t = clamp(1 - (1 + steps / inv_gamma) ** -power, min_decay, decay)``,
+    ``w = 1 - decay_t``. With ``inv_gamma=1``, ``power=2/3`` reaches a decay of 0.999 at
+    ~31.6k steps and 0.9999 at ~1M, so it suits long runs; ``power=3/4`` reaches them at
+    10k and 215k, so it suits shorter ones (timm's advice).
 
     Args:
         decay: the largest decay (the weight never drops below ``1 - decay``).
@@ -134,16 +164,31 @@ class WarmupEMA(BaseAveragedModel):
         interval: int = 1,
         device: torch.device | str | None = None,
         update_buffers: bool = False,
-        **kwargs: Any,
+        *,
+        placement: str = "sharded",
+        owner_rank: int = 0,
+        dtype: torch.dtype | None = None,
+        async_update: bool = False,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     ) -> None:
         if not (isinstance(decay, int | float) and 0.0 < decay < 1.0):
             raise ValueError(f"decay must be in (0, 1), got {decay!r}")
         if not (isinstance(min_decay, int | float) and 0.0 <= min_decay <= decay):
             raise ValueError(f"min_decay must be in [0, decay={decay}], got {min_decay!r}")
-        _positive("inv_gamma", inv_gamma)
-        _positive("power", power)
+        positive("inv_gamma", inv_gamma)
+        positive("power", power)
         self.decay, self.inv_gamma, self.power, self.min_decay = decay, inv_gamma, power, min_decay
-        super().__init__(model, interval, device, update_buffers, **kwargs)
+        super().__init__(
+            model,
+            interval,
+            device,
+            update_buffers,
+            placement=placement,
+            owner_rank=owner_rank,
+            dtype=dtype,
+            async_update=async_update,
+            optimizer=optimizer,
+        )
 
     def weight(self, steps: int) -> float:
         decay = 1.0 - (1.0 + steps / self.inv_gamma) ** -self.power
@@ -203,7 +248,12 @@ class PowerEMA(BaseAveragedModel):
         interval: int = 1,
         device: torch.device | str | None = None,
         update_buffers: bool = False,
-        **kwargs: Any,
+        *,
+        placement: str = "sharded",
+        owner_rank: int = 0,
+        dtype: torch.dtype | None = None,
+        async_update: bool = False,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     ) -> None:
         if (sigma_rel is None) == (gamma is None):
             raise ValueError(
@@ -213,9 +263,19 @@ class PowerEMA(BaseAveragedModel):
         if gamma is None:
             gamma = sigma_rel_to_gamma(sigma_rel)
         else:
-            _positive("gamma", gamma)
+            positive("gamma", gamma)
         self.sigma_rel, self.gamma = sigma_rel, float(gamma)
-        super().__init__(model, interval, device, update_buffers, **kwargs)
+        super().__init__(
+            model,
+            interval,
+            device,
+            update_buffers,
+            placement=placement,
+            owner_rank=owner_rank,
+            dtype=dtype,
+            async_update=async_update,
+            optimizer=optimizer,
+        )
 
     def weight(self, steps: int) -> float:
         t = steps + 1
@@ -247,13 +307,28 @@ class HalfLifeEMA(BaseAveragedModel):
         interval: int = 1,
         device: torch.device | str | None = None,
         update_buffers: bool = False,
-        **kwargs: Any,
+        *,
+        placement: str = "sharded",
+        owner_rank: int = 0,
+        dtype: torch.dtype | None = None,
+        async_update: bool = False,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     ) -> None:
-        _positive("half_life", half_life)
+        positive("half_life", half_life)
         if rampup is not None:
-            _positive("rampup", rampup)
+            positive("rampup", rampup)
         self.half_life, self.rampup = half_life, rampup
-        super().__init__(model, interval, device, update_buffers, **kwargs)
+        super().__init__(
+            model,
+            interval,
+            device,
+            update_buffers,
+            placement=placement,
+            owner_rank=owner_rank,
+            dtype=dtype,
+            async_update=async_update,
+            optimizer=optimizer,
+        )
 
     def weight(self, steps: int) -> float:
         h = self.half_life if self.rampup is None else min(self.half_life, self.rampup * steps)

@@ -5,8 +5,12 @@
 
     {"steps": int,                   # update_parameters calls so far
      "rule": str,                    # JSON {"name": class name, **hparams()}
-     "keys": str,                    # JSON {key: [tied aliases]} in the model's order
+     "keys": str,                    # JSON {key: record} in the model's order
      "average": {key: tensor}}
+
+    record = {"aliases": [tied aliases], "dtype": "float32",
+              "checksum": [lane sums],          # of the whole tensor, see [Note: checksum]
+              "chunks": [[rank, start, end, [lane sums]], ...]}  # per saving rank
 
 Each averaged tensor appears under its model key as
   * a ``Shard(0)`` DTensor over all ranks when the average is sharded across ranks, so
@@ -17,6 +21,12 @@ Each averaged tensor appears under its model key as
 The metadata entries are strings rather than nested dicts so that DCP stores each as one
 opaque value: a checkpoint made with another rule then loads its metadata and fails our
 check with a clear message, instead of failing DCP's key matching on ``rule.momentum``.
+The checksums ride in ``keys`` rather than in an entry of their own because DCP's default
+load planner refuses a checkpoint that lacks a key the state dict has: older checkpoints,
+whose ``keys`` is ``{key: [tied aliases]}``, still load (unchecked, with a warning).
+A chunk is ``[start, end)`` of the flattened tensor, as the rank that saved it held it: the
+error for a corrupt chunk names that rank, whose shard file (``__<rank>_*.distcp`` for DCP's
+file system writer) holds it.
 
 [Note: staged load]
 ``dcp.load`` first calls ``state_dict()``, then reads the checkpoint *in place* into the
@@ -28,25 +38,65 @@ and only then copies it into the average. The cost is a transient second copy of
 rank's part of the average (``avg.shards.nbytes``: 1/world of the model when sharded)
 during a save or a load; the snapshot also makes ``dcp.async_save`` safe against updates
 that run while it writes. Shape and key mismatches are caught earlier still, by DCP's
-planner, before any data is read.
+planner, before any data is read. The snapshot is also what is checksummed: at a save the
+checksum of what is written (one all-gather of the ranks' partial sums), at a load the
+checksum of what was read, before it is copied (one all-reduce), so a flipped bit in a
+shard file, or a shard file of another save, is refused with the average untouched.
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from .shards import Shards, Slot, shaped
+from ._checksum import MODULUS, checksums, combine, lanes
+from .shards import Shards, Slot, rows_shape, shaped
 
 if TYPE_CHECKING:
     from .averaged import BaseAveragedModel
 
 STATE_KEYS = ("steps", "rule", "keys", "average")
+LANES = 4  # the most lanes a checksum has (complex128), see [Note: checksum]
+
+
+class Chunk(NamedTuple):
+    """Elements ``[start, end)`` of a flattened tensor as one saving rank held them."""
+
+    rank: int
+    start: int
+    end: int
+    checksum: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Record:
+    """What a checkpoint's ``keys`` entry says of one averaged tensor.
+
+    Attributes:
+        aliases: further keys naming the tensor (tied weights).
+        dtype: the dtype it was saved in; None in checkpoints saved without checksums.
+        checksum: the whole tensor's checksum (see [Note: checksum]); None without.
+        chunks: the chunks the saving ranks held, each with its own checksum.
+    """
+
+    aliases: tuple[str, ...]
+    dtype: torch.dtype | None = None
+    checksum: tuple[int, ...] | None = None
+    chunks: tuple[Chunk, ...] = ()
+
+
+def row_span(shape: torch.Size, start: int, end: int) -> str:
+    """Elements ``[start, end)`` of a flattened tensor of ``shape``, as rows of its dim 0."""
+    rows = rows_shape(shape)
+    per_row = max(1, shape.numel() // rows[0]) if rows[0] else 1
+    return f"rows {start // per_row}:{end // per_row}"
 
 
 def _mesh(avg: BaseAveragedModel) -> DeviceMesh:
@@ -65,8 +115,44 @@ def _rule_json(avg: BaseAveragedModel) -> str:
     return json.dumps({"name": type(avg).__name__, **avg.hparams()}, default=repr)
 
 
-def _keys_json(avg: BaseAveragedModel) -> str:
-    return json.dumps({s.key: list(s.aliases) for s in avg.topology.specs})
+def _keys_json(avg: BaseAveragedModel, chunks: list[list[Chunk]]) -> str:
+    records = {}
+    for spec, slot, mine in zip(avg.topology.specs, avg.shards.slots, chunks, strict=True):
+        records[spec.key] = {
+            "aliases": list(spec.aliases),
+            "dtype": str(slot.dtype).removeprefix("torch."),
+            "checksum": combine([c.checksum for c in mine]) if mine else [0] * lanes(slot.dtype),
+            "chunks": [[c.rank, c.start, c.end, list(c.checksum)] for c in mine],
+        }
+    return json.dumps(records)
+
+
+def parse_keys(value: Any) -> dict[str, Record]:
+    """The ``keys`` entry of a checkpoint, of either form (see [Note: state dict form])."""
+    raw = _parse("keys", value)
+    try:
+        return {str(k): _record(v) for k, v in raw.items()}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"state_dict 'keys' must be the JSON text that state_dict() writes, got {value!r:.200}"
+        ) from None
+
+
+def _record(entry: Any) -> Record:
+    if isinstance(entry, list):  # saved before checksums: the tied aliases only
+        return Record(aliases=tuple(map(str, entry)))
+    dtype = getattr(torch, entry["dtype"])
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(entry["dtype"])
+    chunks = tuple(
+        Chunk(int(r), int(a), int(b), tuple(map(int, c))) for r, a, b, c in entry["chunks"]
+    )
+    return Record(
+        aliases=tuple(map(str, entry["aliases"])),
+        dtype=dtype,
+        checksum=tuple(map(int, entry["checksum"])),
+        chunks=chunks,
+    )
 
 
 def _snapshot(shards: Shards) -> list[torch.Tensor]:
@@ -84,7 +170,8 @@ def state_dict(avg: BaseAveragedModel) -> dict[str, Any]:
     """See [Note: state dict form] and [Note: staged load]."""
     tensors: dict[str, torch.Tensor] = {}
     mesh = _mesh(avg) if avg.sharded else None
-    for slot, view in zip(avg.shards.slots, _snapshot(avg.shards), strict=True):
+    snapshot = _snapshot(avg.shards)
+    for slot, view in zip(avg.shards.slots, snapshot, strict=True):
         if mesh is not None and slot.chunked and len(slot.shape) > 0:
             tensors[slot.key] = DTensor.from_local(
                 view,
@@ -99,9 +186,33 @@ def state_dict(avg: BaseAveragedModel) -> dict[str, Any]:
     return {
         "steps": avg.steps,
         "rule": _rule_json(avg),
-        "keys": _keys_json(avg),
+        "keys": _keys_json(avg, _saved_chunks(avg, snapshot)),
         "average": tensors,
     }
+
+
+def _saved_chunks(avg: BaseAveragedModel, snapshot: list[torch.Tensor]) -> list[list[Chunk]]:
+    """Per slot, every rank's non-empty chunk with its checksum (one all-gather)."""
+    slots, topo = avg.shards.slots, avg.topology
+    parts = checksums([(v, s.start) for v, s in zip(snapshot, slots, strict=True)])
+    rows = [
+        [s.start, s.end, *p, *[0] * (LANES - len(p))] for s, p in zip(slots, parts, strict=True)
+    ]
+    every = [rows]
+    if topo.world > 1:
+        mine = torch.tensor(rows, dtype=torch.int64, device=topo.device)
+        gathered = [torch.empty_like(mine) for _ in range(topo.world)]
+        dist.all_gather(gathered, mine)
+        every = [g.tolist() for g in gathered]
+    return [
+        [
+            Chunk(rank, a, b, tuple(r[i][2 : 2 + len(p)]))
+            for rank, r in enumerate(every)
+            for a, b in [r[i][:2]]
+            if b > a
+        ]
+        for i, p in enumerate(parts)
+    ]
 
 
 def load_state_dict(avg: BaseAveragedModel, sd: dict[str, Any]) -> int:
@@ -111,8 +222,30 @@ def load_state_dict(avg: BaseAveragedModel, sd: dict[str, Any]) -> int:
 
     ``sd`` is what ``state_dict()`` returned, filled by ``dcp.load``; or any dict of that
     form in which the tensors this rank keeps are either its ``Shard(0)`` chunk or the
-    whole tensor (then this rank's chunk is taken from it).
+    whole tensor (then this rank's chunk is taken from it). With more than one rank this is
+    a collective (the checksums are summed over the ranks): a rank that refuses the
+    checkpoint makes every rank raise.
     """
+    # 1. this rank's checks: metadata, then the source of every region it keeps
+    failure: ValueError | None = None
+    steps, records, sources = 0, {}, {}
+    try:
+        steps, records = _check_metadata(avg, sd)
+        sources = _sources(avg, sd)
+    except ValueError as e:
+        failure = e
+    # 2. every rank's checks: the checksums of what was read (see [Note: checksum])
+    _verify(avg, records, sources, failed=failure is not None)
+    if failure is not None:
+        raise failure
+    # 3. only now touch the average
+    if sources:
+        dsts = [avg.shards.view(i) for i in sources]
+        torch._foreach_copy_(dsts, list(sources.values()))
+    return steps
+
+
+def _check_metadata(avg: BaseAveragedModel, sd: dict[str, Any]) -> tuple[int, dict[str, Record]]:
     missing = [k for k in STATE_KEYS if k not in sd]
     if missing:
         raise ValueError(
@@ -125,22 +258,140 @@ def load_state_dict(avg: BaseAveragedModel, sd: dict[str, Any]) -> int:
             f"checkpoint holds a {theirs} average, but this averager is {mine}; build the "
             f"averager with the checkpoint's rule and parameters to load it"
         )
-    _check_keys(avg, _parse("keys", sd["keys"]))
+    records = parse_keys(sd["keys"])
+    _check_keys(avg, records)
     steps = sd["steps"]
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"state_dict 'steps' must be an integer >= 0, got {steps!r}")
-    dsts, srcs = [], []
+    return steps, records
+
+
+def _sources(avg: BaseAveragedModel, sd: dict[str, Any]) -> dict[int, torch.Tensor]:
+    """Slot index -> the tensor that fills this rank's region of it."""
+    sources = {}
     for i, slot in enumerate(avg.shards.slots):
         if slot.numel == 0:
             continue
         if slot.key not in sd["average"]:
             raise ValueError(f"checkpoint average has no tensor {slot.key!r}")
-        dst = avg.shards.view(i)
-        dsts.append(dst)
-        srcs.append(_local_source(slot, sd["average"][slot.key], tuple(dst.shape)))
-    if dsts:
-        torch._foreach_copy_(dsts, srcs)
-    return steps
+        want = tuple(avg.shards.view(i).shape)
+        sources[i] = _local_source(slot, sd["average"][slot.key], want)
+    return sources
+
+
+def _checked_dtype(record: Record | None, slot: Slot) -> torch.dtype | None:
+    """The dtype to checksum ``slot``'s loaded data in; None: it cannot be checked.
+
+    DCP casts what it reads into the average's dtype: a checkpoint saved in bf16 and loaded
+    into an fp32 average casts back exactly, one saved in fp32 and loaded into bf16 does not.
+    """
+    if record is None or record.dtype is None:
+        return None
+    if torch.promote_types(record.dtype, slot.dtype) != slot.dtype:
+        return None
+    return record.dtype
+
+
+def _verify(
+    avg: BaseAveragedModel,
+    records: dict[str, Record],
+    sources: dict[int, torch.Tensor],
+    *,
+    failed: bool,
+) -> None:
+    """Raise unless every checked tensor's checksum, summed over the ranks, is the saved one.
+
+    With more than one rank, one all-reduce (also of ``failed``, so that a rank that refused
+    the checkpoint makes every rank raise instead of leaving them waiting).
+    """
+    slots, topo = avg.shards.slots, avg.topology
+    dtypes = [_checked_dtype(records.get(s.key), s) for s in slots]
+    local = torch.zeros(len(slots) * LANES + 1, dtype=torch.int64)
+    local[-1] = int(failed)
+    if not failed:
+        order = [i for i in sources if dtypes[i] is not None]
+        pieces = [(sources[i].to(dtypes[i]), slots[i].start) for i in order]
+        for i, part in zip(order, checksums(pieces), strict=True):
+            local[i * LANES : i * LANES + len(part)] = torch.tensor(part)
+    if topo.world > 1:
+        local = local.to(topo.device)
+        dist.all_reduce(local)
+    totals = local.tolist()
+    if failed:
+        return
+    if totals[-1]:
+        raise ValueError(
+            "another rank refused this checkpoint (its error says why); the average is "
+            "unchanged on every rank"
+        )
+    for i, slot in enumerate(slots):
+        record = records.get(slot.key)
+        if dtypes[i] is None or record is None or record.checksum is None:
+            continue
+        mine = [t % MODULUS for t in totals[i * LANES : i * LANES + len(record.checksum)]]
+        if tuple(mine) != record.checksum:
+            raise ValueError(_mismatch(avg, slot, record, sources.get(i), dtypes[i]))
+    _warn_unchecked(records, slots, dtypes)
+
+
+def _mismatch(
+    avg: BaseAveragedModel,
+    slot: Slot,
+    record: Record,
+    source: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> str:
+    """The message for a tensor whose checksum failed: which saved chunks changed.
+
+    A collective with more than one rank (every rank finds the same failing tensor).
+    """
+    parts = []
+    for c in record.chunks:  # this rank's share of each saved chunk
+        a, b = max(c.start, slot.start), min(c.end, slot.end)
+        if source is not None and b > a:
+            piece = source.reshape(-1)[a - slot.start : b - slot.start].to(dtype)
+            parts.append((piece, a))
+        else:
+            parts.append((torch.empty(0, dtype=dtype), c.start))
+    sums = [p + [0] * (LANES - len(p)) for p in checksums(parts)]
+    local = torch.tensor(sums, dtype=torch.int64).reshape(-1, LANES)
+    if avg.topology.world > 1:
+        local = local.to(avg.topology.device)
+        dist.all_reduce(local)
+    got = [
+        tuple(v % MODULUS for v in row[: len(c.checksum)])
+        for row, c in zip(local.tolist(), record.chunks, strict=True)
+    ]
+    bad = [c for c, g in zip(record.chunks, got, strict=True) if g != c.checksum]
+    where = "; ".join(
+        f"{row_span(slot.shape, c.start, c.end)}, saved by rank {c.rank} (shard file __{c.rank}_*.distcp)"
+        for c in bad
+    )
+    return (
+        f"checkpoint tensor {slot.key!r} does not match the checksum saved with it: "
+        f"{where or 'its data'} changed after the save (a corrupt shard file, or one of "
+        f"another save). The average is unchanged"
+    )
+
+
+def _warn_unchecked(
+    records: dict[str, Record], slots: list[Slot], dtypes: list[torch.dtype | None]
+) -> None:
+    if not any(r.checksum is not None for r in records.values()):
+        warnings.warn(
+            "checkpoint has no checksums (saved by an earlier distavg): its average is "
+            "loaded unchecked",
+            stacklevel=4,
+        )
+        return
+    cast = [s for s, d in zip(slots, dtypes, strict=True) if d is None and s.key in records]
+    if cast:
+        warnings.warn(
+            f"checkpoint tensors {[s.key for s in cast[:5]]} were saved in "
+            f"{records[cast[0].key].dtype} and load into a {cast[0].dtype} average, which "
+            f"cannot hold them exactly: their checksums are not checked",
+            stacklevel=4,
+        )
 
 
 def _parse(name: str, value: Any) -> Any:
@@ -153,7 +404,7 @@ def _parse(name: str, value: Any) -> Any:
         ) from None
 
 
-def _check_keys(avg: BaseAveragedModel, theirs: dict[str, list[str]]) -> None:
+def _check_keys(avg: BaseAveragedModel, theirs: dict[str, Record]) -> None:
     mine = {s.key for s in avg.topology.specs}
     extra, lacking = sorted(set(theirs) - mine), sorted(mine - set(theirs))
     if extra or lacking:

@@ -12,22 +12,25 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ._comm import ChunkComm, broadcast_tensors
+from ._comm import ChunkComm, agree, broadcast_tensors
 from .shards import chunk_bounds
 
 if TYPE_CHECKING:
     from torch import nn
 
     from .averaged import BaseAveragedModel
+    from .topology import Topology
 
 
 def full_state_dict(avg: BaseAveragedModel) -> dict[str, torch.Tensor]:
     """The whole average on ``owner_rank`` (see ``BaseAveragedModel.full_state_dict``).
 
-    Chunked tensors of a sharded average are gathered (one collective per dtype); the
-    others the owner holds whole.
+    Chunked tensors of a sharded average are gathered (one collective per dtype) on the
+    parameters' device, the one the process group communicates on, then moved to the
+    average's device; the others the owner holds whole.
     """
     topo, shards = avg.topology, avg.shards
+    agree("full_state_dict()", avg.steps, topo.world, topo.device)
     gathered: dict[int, torch.Tensor] = {}
     if avg.sharded:
         chunked = [i for i, s in enumerate(shards.slots) if s.chunked]
@@ -36,11 +39,11 @@ def full_state_dict(avg: BaseAveragedModel) -> dict[str, torch.Tensor]:
             [shards.slots[i].dtype for i in chunked],
             topo.world,
             topo.rank,
-            avg.device,
+            topo.device,
         )
         pieces = comm.gather([shards.views[i] for i in chunked], avg.owner_rank)
         for i, p in zip(chunked, pieces or [], strict=False):
-            gathered[i] = torch.cat(p).view(shards.slots[i].shape)
+            gathered[i] = torch.cat(p).view(shards.slots[i].shape).to(avg.device)
     if topo.rank != avg.owner_rank:
         return {}
     out = {}
@@ -62,6 +65,11 @@ class Swap:
     Back, by what the live tensors are: parameters are identical on every rank (DDP) or
     sharded (FSDP2), so each rank backs up only its chunk and replicated ones are rebuilt
     with an all-gather; buffers may differ across ranks, so each rank backs up its own.
+
+    All collectives of :meth:`enter` run before it writes anything into the live model, into
+    temporaries on the parameters' device: a collective that fails (a peer died, a timeout)
+    leaves the model as it was. :meth:`exit` restores locally first; if its all-gather then
+    fails it says that the model on this rank is not restored.
     """
 
     def __init__(self, avg: BaseAveragedModel, model: nn.Module) -> None:
@@ -89,43 +97,64 @@ class Swap:
 
     def enter(self) -> None:
         avg, topo = self.avg, self.avg.topology
-        views, owner = avg.shards.views, topo.rank == avg.owner_rank
-        self.backup = [self._backup_of(i).clone() for i in range(len(self.flat))]
-        _copy([self.chunks[i] for i in self.chunked], [views[i] for i in self.chunked])
-        self._all_gather([i for i in self.chunked if not topo.specs[i].is_dtensor])
+        specs, views, owner = topo.specs, avg.shards.views, topo.rank == avg.owner_rank
+        agree("swapped()", avg.steps, topo.world, topo.device)
+        # 1. collectives, into temporaries: (live destination, value) pairs
+        whole = [i for i in self.chunked if not specs[i].is_dtensor and topo.world > 1]
+        writes = [(self.chunks[i], views[i]) for i in self.chunked if i not in whole]
+        writes += zip(
+            [self.flat[i] for i in whole],
+            self._gather_whole(whole, [views[i] for i in whole]),
+            strict=True,
+        )
         if self.broadcast and topo.world > 1:
-            if owner:
-                _copy([self.flat[i] for i in self.broadcast], [views[i] for i in self.broadcast])
-            broadcast_tensors([self.flat[i] for i in self.broadcast], avg.owner_rank)
+            temps = [
+                views[i].to(topo.device, specs[i].dtype)
+                if owner
+                else torch.empty(specs[i].shape.numel(), dtype=specs[i].dtype, device=topo.device)
+                for i in self.broadcast
+            ]
+            broadcast_tensors(temps, avg.owner_rank)
+            writes += zip([self.flat[i] for i in self.broadcast], temps, strict=True)
         if self.scatter:
-            slots = [avg.shards.slots[i] for i in self.scatter]
-            comm = ChunkComm(
-                [s.shape for s in slots],
-                [s.dtype for s in slots],
-                topo.world,
-                topo.rank,
-                avg.device,
-            )
+            comm = _live_comm([specs[i] for i in self.scatter], topo)
             mine = comm.scatter([views[i] for i in self.scatter] if owner else None, avg.owner_rank)
-            _copy([self.chunks[i] for i in self.scatter], mine)
+            writes += zip([self.chunks[i] for i in self.scatter], mine, strict=True)
+        # 2. local writes only
+        self.backup = [self._backup_of(i).clone() for i in range(len(self.flat))]
+        _copy([d for d, _ in writes], [s for _, s in writes])
 
     def exit(self) -> None:
         _copy([self._backup_of(i) for i in range(len(self.flat))], self.backup)
-        self._all_gather(self.regathered)
+        if self.avg.topology.world == 1:
+            return
+        try:
+            pieces = self._gather_whole(self.regathered, [self.chunks[i] for i in self.regathered])
+        except Exception as e:
+            raise RuntimeError(
+                f"swapped(): restoring the model's own weights failed in a collective; on rank "
+                f"{self.avg.topology.rank} its replicated parameters still hold parts of the "
+                f"average. Reload the model (e.g. from a checkpoint) before training on: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        _copy([self.flat[i] for i in self.regathered], pieces)
 
-    def _all_gather(self, indices: list[int]) -> None:
-        """Rebuild the whole live tensors ``indices`` from every rank's chunk."""
+    def _gather_whole(self, indices: list[int], chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The whole tensors ``indices`` (live dtypes, 1-D) from every rank's ``chunks``."""
         topo = self.avg.topology
         if topo.world == 1 or not indices:
-            return
-        specs = [topo.specs[i] for i in indices]
-        comm = ChunkComm(
-            [s.shape for s in specs], [s.dtype for s in specs], topo.world, topo.rank, topo.device
-        )
-        pieces = comm.all_gather([self.chunks[i] for i in indices])
-        for i, p in zip(indices, pieces, strict=True):
-            if p:
-                torch.cat(p, out=self.flat[i])
+            return []
+        pieces = _live_comm([topo.specs[i] for i in indices], topo).all_gather(chunks)
+        return [
+            torch.cat(p) if p else self.flat[i][:0] for i, p in zip(indices, pieces, strict=True)
+        ]
+
+
+def _live_comm(specs: list, topo: Topology) -> ChunkComm:
+    """Moves chunks of the live tensors ``specs`` on the parameters' device."""
+    return ChunkComm(
+        [s.shape for s in specs], [s.dtype for s in specs], topo.world, topo.rank, topo.device
+    )
 
 
 def _copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:

@@ -3,10 +3,30 @@
 The topology is the one object that knows how the training job is parallelised. The rest
 of the library asks it for the world, this rank, the model's tensors and this rank's
 local data of each (the whole tensor when replicated, the ``Shard(0)`` chunk under FSDP2).
+
+[Note: per-step caches]
+A steady-state step (the same model, its tensors written in place by the optimizer and by
+forward) rebuilds nothing. Each stage of an update caches what it derives from its input
+on the identity (``is``) of the list the stage before it returned, and, while that input
+is the same object, returns the same list object itself:
+  1. ``Topology.local_tensors`` (here): keyed on every tensor object and its storage;
+     returns its cached list of flat local views. The start of the chain.
+  2. ``Engine.capture`` -> ``Snapshots.refresh`` (engine.py): the snapshot memory is
+     allocated, and the list with snapshots in place of the buffers built, once per list;
+     ``_protect`` marks the tensors for the side stream once per list (_accelerator.py).
+  3. ``BaseAveragedModel._sources`` (averaged.py): the per-slot source slices.
+  4. ``Shards._plan`` (shards.py) and the accelerator engines' ``_plan``
+     (_accelerator.py): the per-group update plan (views, staging blocks, buckets).
+A stage that returns a fresh list, even an equal one (``list(...)``, a comprehension, a
+filtered copy), silently turns every later cache off: the results stay correct, and every
+step pays again for slices, plans, snapshot allocations and ``record_stream`` calls.
+Invalidate a cache by a changed key, never by copying its result.
+``tests/unit/test_steady_state.py`` counts the rebuilds of steady-state steps.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +132,8 @@ class Topology:
         self._unwrapped: tuple[nn.Module, nn.Module] | None = None
         self._holders: list[dict] = []
         self._attrs = [s.attr for s in self.specs]
+        self.changed = False  # set when a tensor or submodule is registered on the model
+        _watch_registrations(module, self)
         self.local_tensors(model)  # validates devices and primes the cache
 
     def _check_fsdp2(self, spec: TensorSpec, t: DTensor) -> None:
@@ -151,6 +173,10 @@ class Topology:
                 for s, m in zip(self.specs, owners, strict=True)
             ]
             self._holders_of = module
+        if self.changed:  # something was registered: is it a new tensor to average?
+            self.changed = False
+            if [s.key for s in _specs(module)[0]] != [s.key for s in self.specs]:
+                self._mismatch(module)
         current = list(map(dict.get, self._holders, self._attrs))
         key = _cache_key(current, self.mesh is None)
         if key is not None and self._cache is not None and self._cache[0] == key:
@@ -159,6 +185,13 @@ class Topology:
             self._mismatch(module)
         flat = []
         for spec, t in zip(self.specs, current, strict=True):
+            if isinstance(t, DTensor) and not spec.is_dtensor:
+                raise ValueError(
+                    f"model tensor {spec.key!r} is now a DTensor ({tuple(t.placements)}), but "
+                    f"the average was built when it was a plain tensor: build the average "
+                    f"after fully_shard(model) (and after init_process_group), so that each "
+                    f"rank keeps its own shard"
+                )
             local = _local(t).detach()
             if tuple(t.shape) != tuple(spec.shape) or t.dtype != spec.dtype:
                 self._mismatch(module)
@@ -204,7 +237,8 @@ class Topology:
         raise ValueError(
             "update_parameters got a model that does not match the averaged one: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"changed (shape, dtype) {changed[:5]}"
+            f"changed (shape, dtype) {changed[:5]}. A tensor registered after the average "
+            f"was built is not averaged: build the average once the model is complete"
         )
 
 
@@ -244,3 +278,29 @@ def _specs(module: nn.Module) -> tuple[list[TensorSpec], list[torch.Tensor]]:
 
 def _with_alias(spec: TensorSpec, key: str) -> TensorSpec:
     return TensorSpec(**{**spec.__dict__, "aliases": (*spec.aliases, key)})
+
+
+# Submodules of averaged models -> their topologies; a registration on one of them marks the
+# topologies changed, and the next step checks the model's tensors once (no per-step walk).
+_WATCHED: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[Topology]] = (
+    weakref.WeakKeyDictionary()
+)
+_hooks_installed = False
+
+
+def _on_register(module: nn.Module, name: str, value: object) -> None:
+    for topo in _WATCHED.get(module, ()):
+        topo.changed = True
+
+
+def _watch_registrations(module: nn.Module, topo: Topology) -> None:
+    global _hooks_installed
+    if not _hooks_installed:
+        from torch.nn.modules import module as m
+
+        m.register_module_parameter_registration_hook(_on_register)
+        m.register_module_buffer_registration_hook(_on_register)
+        m.register_module_module_registration_hook(_on_register)
+        _hooks_installed = True
+    for sub in module.modules():
+        _WATCHED.setdefault(sub, weakref.WeakSet()).add(topo)

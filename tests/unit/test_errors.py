@@ -47,16 +47,16 @@ def test_ema_constructor_errors(kwargs, message):
 @pytest.mark.parametrize(
     ("cls", "kwargs", "message"),
     [
-        (distavg.MomentumAnnealingEMA, {"gamma": 0}, r"gamma must be > 0, got 0"),
-        (distavg.MomentumAnnealingEMA, {"gamma": -5}, r"gamma must be > 0, got -5"),
+        (distavg.MomentumAnnealingEMA, {"gamma": 0}, r"gamma must be a finite number > 0, got 0"),
+        (distavg.MomentumAnnealingEMA, {"gamma": -5}, r"gamma must be a finite number > 0, got -5"),
         (distavg.WarmupEMA, {"decay": 1.0}, r"decay must be in \(0, 1\), got 1.0"),
         (
             distavg.WarmupEMA,
             {"min_decay": 0.99999},
             r"min_decay must be in \[0, decay=0.9999\], got 0.99999",
         ),
-        (distavg.WarmupEMA, {"inv_gamma": 0}, r"inv_gamma must be > 0, got 0"),
-        (distavg.WarmupEMA, {"power": -1}, r"power must be > 0, got -1"),
+        (distavg.WarmupEMA, {"inv_gamma": 0}, r"inv_gamma must be a finite number > 0, got 0"),
+        (distavg.WarmupEMA, {"power": -1}, r"power must be a finite number > 0, got -1"),
         (
             distavg.PowerEMA,
             {},
@@ -68,9 +68,9 @@ def test_ema_constructor_errors(kwargs, message):
             r"pass exactly one of sigma_rel and gamma",
         ),
         (distavg.PowerEMA, {"sigma_rel": 0.3}, r"sigma_rel must be in \(0, 0.2887\), got 0.3"),
-        (distavg.PowerEMA, {"gamma": 0}, r"gamma must be > 0, got 0"),
-        (distavg.HalfLifeEMA, {"half_life": 0}, r"half_life must be > 0, got 0"),
-        (distavg.HalfLifeEMA, {"rampup": -0.1}, r"rampup must be > 0, got -0.1"),
+        (distavg.PowerEMA, {"gamma": 0}, r"gamma must be a finite number > 0, got 0"),
+        (distavg.HalfLifeEMA, {"half_life": 0}, r"half_life must be a finite number > 0, got 0"),
+        (distavg.HalfLifeEMA, {"rampup": -0.1}, r"rampup must be a finite number > 0, got -0.1"),
         (
             distavg.StochasticWeightAverage,
             {"interval": -2},
