@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -108,3 +109,20 @@ def check_lerp_dtypes(keys: Sequence[str], dtypes: Sequence[torch.dtype]) -> Non
 
 def _names(dtypes: Sequence[torch.dtype]) -> str:
     return ", ".join(str(d) for d in dtypes)
+
+
+def decay_hint(init: Any) -> Any:
+    """``init`` that answers ``decay=`` (timm's and diffusers' name) with the fix."""
+
+    @functools.wraps(init)  # help() and editors still show init's own signature
+    def checked(self: Any, *args: Any, **kwargs: Any) -> None:
+        if "decay" in kwargs:
+            value = kwargs["decay"]
+            fix = f": momentum={1 - value:.6g}" if isinstance(value, int | float) else ""
+            raise ValueError(
+                f"{type(self).__name__} takes no decay= (got decay={value!r}): it takes "
+                f"momentum, the weight of the new value (momentum = 1 - decay{fix})"
+            )
+        init(self, *args, **kwargs)
+
+    return checked

@@ -10,13 +10,10 @@ One update, on every rank:
 from __future__ import annotations
 
 import atexit
-import copy
-import functools
 import inspect
 import logging
 import os
 import sys
-import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -28,16 +25,13 @@ from torch import nn
 
 from . import _args, state, swap
 from ._comm import ChunkComm, agree
+from ._guards import Guards
 from ._steps import StepWatch, remove_inert_hooks
 from .engine import Engine, Kind, SyncEngine, Update, WorkerEngine
-from .shards import Shards, Slot, chunk_bounds
+from .shards import Shards, slots_for
 from .topology import Topology, unwrap
 
 logger = logging.getLogger(__name__)
-
-# update_parameters calls without an optimizer step before the average warns that nothing
-# is being averaged (gradient accumulation calls it once per micro-batch: leave room).
-NO_STEP_CALLS = 100
 
 # Averages still open at interpreter exit: a worker thread left running into interpreter
 # finalisation aborts the process, so each is closed (its last update applied) first.
@@ -60,23 +54,6 @@ def _close_open_averages() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
-
-
-def _decay_hint(init: Any) -> Any:
-    """``init`` that answers ``decay=`` (timm's and diffusers' name) with the fix."""
-
-    @functools.wraps(init)  # help() and editors still show init's own signature
-    def checked(self: BaseAveragedModel, *args: Any, **kwargs: Any) -> None:
-        if "decay" in kwargs:
-            value = kwargs["decay"]
-            fix = f": momentum={1 - value:.6g}" if isinstance(value, int | float) else ""
-            raise ValueError(
-                f"{type(self).__name__} takes no decay= (got decay={value!r}): it takes "
-                f"momentum, the weight of the new value (momentum = 1 - decay{fix})"
-            )
-        init(self, *args, **kwargs)
-
-    return checked
 
 
 class BaseAveragedModel:
@@ -121,7 +98,7 @@ class BaseAveragedModel:
         super().__init_subclass__(**kwargs)
         init = cls.__dict__.get("__init__")
         if init is not None and "momentum" in inspect.signature(init).parameters:
-            cls.__init__ = _decay_hint(init)
+            cls.__init__ = _args.decay_hint(init)
 
     def __init__(
         self,
@@ -147,21 +124,17 @@ class BaseAveragedModel:
         self.owner_rank = owner_rank
         self.device = _args.resolve_device(device, topo.device)
         self._steps = 0
-        self._unstepped = 0  # update_parameters calls since the last real optimizer step
-        self._warned_no_step = self._warned_world = False
-        self._warned_precision = False
         self._owner_push = placement == "owner" and topo.kind == "fsdp2" and topo.world > 1
         self.shards = Shards(
-            self._slots(dtype),
+            slots_for(topo, placement, owner_rank, dtype, update_buffers),
             self.device,
             pin=self.device.type == "cpu" and topo.device.type != "cpu",
         )
         averaged = [s for s in self.shards.slots if s.averaged]
         _args.check_lerp_dtypes([s.key for s in averaged], [s.dtype for s in averaged])
         low = (torch.bfloat16, torch.float16)  # checked on every averaging call: found once
-        self._low_dtypes = list(
-            dict.fromkeys(s.dtype for s in self.shards.slots if s.averaged and s.dtype in low)
-        )
+        low_dtypes = dict.fromkeys(s.dtype for s in averaged if s.dtype in low)
+        self._guards = Guards(topo.world, list(low_dtypes))
         # The owner push runs on a group of its own, so that (possibly deferred) it never
         # interleaves with the training's collectives.
         self._group = dist.new_group() if self._owner_push else None
@@ -192,61 +165,9 @@ class BaseAveragedModel:
         self._closed = False
         _OPEN.add(self)
         self._seed(model)
-        self._module = self._build_module(model)
+        self._module = swap.whole_module(self, model)
 
     # -- construction ---------------------------------------------------------------
-
-    def _slots(self, dtype: torch.dtype | None) -> list[Slot]:
-        topo, slots = self.topology, []
-        for i, spec in enumerate(topo.specs):
-            # Buffers are replicated but not identical across ranks (each rank's forward
-            # updates its own BatchNorm statistics; DDP broadcasts rank 0's before the next
-            # forward): the owner's are the ones averaged, as a whole.
-            chunked = topo.world == 1 or (
-                self.placement == "sharded" and (spec.is_param or spec.is_dtensor)
-            )
-            if chunked:
-                start, end = chunk_bounds(spec.shape, topo.world, topo.rank)
-            else:
-                start, end = (0, spec.shape.numel()) if topo.rank == self.owner_rank else (0, 0)
-            la, lb = topo.local_bounds(i)
-            if la <= start and end <= lb:
-                pieces = (end - start,) if end > start else ()
-            else:  # FSDP2 owner: the region arrives as every rank's chunk
-                bounds = (chunk_bounds(spec.shape, topo.world, r) for r in range(topo.world))
-                pieces = tuple(b - a for a, b in bounds if b > a)
-            floating = spec.dtype.is_floating_point
-            slots.append(
-                Slot(
-                    key=spec.key,
-                    shape=spec.shape,
-                    start=start,
-                    end=end,
-                    dtype=dtype if (dtype is not None and floating) else spec.dtype,
-                    src_dtype=spec.dtype,
-                    averaged=floating and (spec.is_param or self.update_buffers),
-                    pieces=pieces,
-                    chunked=chunked,
-                )
-            )
-        return slots
-
-    def _build_module(self, model: nn.Module) -> nn.Module | None:
-        """A full averaged module whose tensors are views of the flat buffers, if here."""
-        if self.topology.kind == "fsdp2" or not self._holds_all():
-            return None
-        source = unwrap(model)
-        state = source.state_dict(keep_vars=True)
-        memo: dict[int, Any] = {}
-        for i, spec in enumerate(self.topology.specs):
-            t = state[spec.key]
-            view = self.shards.view(i)
-            memo[id(t)] = nn.Parameter(view, requires_grad=False) if spec.is_param else view
-        module = copy.deepcopy(source, memo)
-        return module.requires_grad_(False)
-
-    def _holds_all(self) -> bool:
-        return all(s.start == 0 and s.end == s.shape.numel() for s in self.shards.slots)
 
     # -- the rule -------------------------------------------------------------------
 
@@ -284,12 +205,12 @@ class BaseAveragedModel:
                 f"average stays readable)"
             )
         remove_inert_hooks()
-        self._check_group()
+        self._guards.group()
         if self._watch is not None and not self._watch.stepped():
             self.engine.raise_pending()
-            self._no_step()
+            self._guards.no_step(self._watch.optimizers, self._steps)
             return
-        self._unstepped = 0
+        self._guards.unstepped = 0
         # Capturing first also fences the previous update and raises its error, if any.
         flat = self.engine.capture(self.topology.local_tensors(model))
         steps = self._steps
@@ -300,7 +221,7 @@ class BaseAveragedModel:
                 raise ValueError(
                     f"{type(self).__name__}.weight({steps}) must be in [0, 1], got {w}"
                 )
-            self._check_precision(w)
+            self._guards.precision(w)
             kind = Kind.LERP
         self.engine.submit(Update(kind, w, lambda: self._sources(flat)))
         self._steps += 1
@@ -342,55 +263,6 @@ class BaseAveragedModel:
         flat = self.engine.capture(self.topology.local_tensors(model))
         self.engine.submit(Update(Kind.COPY, 0.0, lambda: self._sources(flat)))
         self.engine.wait()
-
-    def _no_step(self) -> None:
-        self._unstepped += 1
-        if self._unstepped == NO_STEP_CALLS and not self._warned_no_step:
-            self._warned_no_step = True
-            names = ", ".join(type(o).__name__ for o in self._watch.optimizers)
-            since = "was built" if self._steps == 0 else "last counted an update"
-            warnings.warn(
-                f"update_parameters was called {NO_STEP_CALLS} times since the average {since}, "
-                f"and the optimizer given ({names}) never stepped in between: nothing was "
-                f"averaged. Check that optimizer= is the optimizer that steps this model (not "
-                f"one built after the average, or another model's); steps that GradScaler "
-                f"skips do not count either",
-                stacklevel=3,
-            )
-
-    def _check_group(self) -> None:
-        world = self.topology.world
-        initialized = dist.is_available() and dist.is_initialized()
-        if world > 1 and not initialized:
-            raise RuntimeError(
-                f"the process group this average was built with (world size {world}) is "
-                f"gone; it cannot be updated or gathered (its values are unchanged). Call "
-                f"this before destroy_process_group()"
-            )
-        if world == 1 and initialized and not self._warned_world:
-            self._warned_world = True
-            if dist.get_world_size() > 1:
-                warnings.warn(
-                    f"this average was built before init_process_group: it is a whole copy on "
-                    f"each of the {dist.get_world_size()} ranks, not sharded. Build it after "
-                    f"init_process_group and after wrapping the model (DDP, fully_shard)",
-                    stacklevel=3,
-                )
-
-    def _check_precision(self, w: float) -> None:
-        if self._warned_precision:
-            return
-        for dtype in self._low_dtypes:
-            eps = torch.finfo(dtype).eps
-            if w < eps:
-                warnings.warn(
-                    f"averaging in {dtype} with weight {w:.3g}, below its resolution "
-                    f"(eps {eps:.3g}): most updates round away. Pass dtype=torch.float32 "
-                    f"to keep an fp32 average",
-                    stacklevel=3,
-                )
-                self._warned_precision = True
-                return
 
     def wait(self) -> None:
         """Block until every submitted update is applied; raise an error one raised."""
@@ -462,7 +334,7 @@ class BaseAveragedModel:
         ``DISTAVG_COLLECTIVE_TIMEOUT`` seconds on gloo) and hold the same step count.
         """
         self.wait()
-        self._check_group()
+        self._guards.group()
         swapper = swap.Swap(self, model)
         swapper.enter()
         try:
@@ -478,7 +350,7 @@ class BaseAveragedModel:
         :meth:`swapped`). Returns the tensors on ``owner_rank`` and an empty dict elsewhere.
         """
         self.wait()
-        self._check_group()
+        self._guards.group()
         return swap.full_state_dict(self)
 
     def state_dict(self) -> dict[str, Any]:

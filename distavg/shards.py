@@ -36,11 +36,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from . import _kernels
+
+if TYPE_CHECKING:
+    from .topology import Topology
 
 # Below this many elements a tensor is staged: one cat + one lerp over many small tensors
 # beats one kernel launch (or TensorIterator setup) per tensor.
@@ -128,6 +131,51 @@ class Slot:
         if len(self.pieces) == 1 and self.numel >= SMALL_NUMEL:
             return Route.DIRECT if self.src_dtype == self.dtype else Route.UPCAST
         return Route.STAGED
+
+
+def slots_for(
+    topo: Topology,
+    placement: str,
+    owner_rank: int,
+    dtype: torch.dtype | None,
+    update_buffers: bool,
+) -> list[Slot]:
+    """This rank's slot of every tensor of ``topo`` for an average placed as asked.
+
+    ``placement="sharded"``: every parameter (and FSDP2-sharded tensor) is chunked (see
+    [Note: chunking]); the rest, and everything with ``"owner"``, is whole on ``owner_rank``.
+    """
+    slots = []
+    for i, spec in enumerate(topo.specs):
+        # Buffers are replicated but not identical across ranks (each rank's forward
+        # updates its own BatchNorm statistics; DDP broadcasts rank 0's before the next
+        # forward): the owner's are the ones averaged, as a whole.
+        chunked = topo.world == 1 or (placement == "sharded" and (spec.is_param or spec.is_dtensor))
+        if chunked:
+            start, end = chunk_bounds(spec.shape, topo.world, topo.rank)
+        else:
+            start, end = (0, spec.shape.numel()) if topo.rank == owner_rank else (0, 0)
+        la, lb = topo.local_bounds(i)
+        if la <= start and end <= lb:
+            pieces = (end - start,) if end > start else ()
+        else:  # FSDP2 owner: the region arrives as every rank's chunk
+            bounds = (chunk_bounds(spec.shape, topo.world, r) for r in range(topo.world))
+            pieces = tuple(b - a for a, b in bounds if b > a)
+        floating = spec.dtype.is_floating_point
+        slots.append(
+            Slot(
+                key=spec.key,
+                shape=spec.shape,
+                start=start,
+                end=end,
+                dtype=dtype if (dtype is not None and floating) else spec.dtype,
+                src_dtype=spec.dtype,
+                averaged=floating and (spec.is_param or update_buffers),
+                pieces=pieces,
+                chunked=chunked,
+            )
+        )
+    return slots
 
 
 def shaped(flat: torch.Tensor, slot: Slot) -> torch.Tensor:

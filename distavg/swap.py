@@ -2,24 +2,25 @@
 
 Both move this rank's part of the average to where a whole tensor is needed: into the live
 (possibly sharded) model for the length of a ``with`` block (:class:`Swap`), or onto the
-owner rank as one ordinary state dict (:func:`full_state_dict`). Every rank must call
-them: each is a collective when the average is spread over ranks.
+owner rank as one ordinary state dict (:func:`full_state_dict`), or as a whole module
+where one rank holds it all (:func:`whole_module`). With more than one rank the first two
+are collectives: every rank must call them.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import copy
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from ._comm import ChunkComm, agree, broadcast_tensors
 from .shards import chunk_bounds
+from .topology import Topology, unwrap
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from .averaged import BaseAveragedModel
-    from .topology import Topology
 
 
 def full_state_dict(avg: BaseAveragedModel) -> dict[str, torch.Tensor]:
@@ -52,6 +53,23 @@ def full_state_dict(avg: BaseAveragedModel) -> dict[str, torch.Tensor]:
         for key in (spec.key, *spec.aliases):
             out[key] = t
     return out
+
+
+def whole_module(avg: BaseAveragedModel, model: nn.Module) -> nn.Module | None:
+    """A whole averaged module whose tensors are views of the average, where this rank
+    holds the whole average (one process, the owner under DDP); else None."""
+    holds_all = all(s.start == 0 and s.end == s.shape.numel() for s in avg.shards.slots)
+    if avg.topology.kind == "fsdp2" or not holds_all:
+        return None
+    source = unwrap(model)
+    state = source.state_dict(keep_vars=True)
+    memo: dict[int, Any] = {}
+    for i, spec in enumerate(avg.topology.specs):
+        t = state[spec.key]
+        view = avg.shards.view(i)
+        memo[id(t)] = nn.Parameter(view, requires_grad=False) if spec.is_param else view
+    module = copy.deepcopy(source, memo)
+    return module.requires_grad_(False)
 
 
 class Swap:

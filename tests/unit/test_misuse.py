@@ -19,7 +19,7 @@ from reference import small_model, train_forward
 from torch import nn
 
 import distavg
-from distavg.averaged import NO_STEP_CALLS
+from distavg._guards import NO_STEP_CALLS
 
 
 def _step(model: nn.Module, opts, x: torch.Tensor) -> None:
