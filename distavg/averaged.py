@@ -235,11 +235,15 @@ class BaseAveragedModel:
         nothing here keeps them.
         """
         topo = self.topology
+        cache = self._sources_cache or ()
         if not self._owner_push:
-            # Cached per captured list, two of them: the asynchronous offload alternates
-            # between two (see [Note: offload pipeline] in _accelerator.py).
-            for key, cached in self._sources_cache or ():
+            # Cached per captured list: one, or two that alternate (the asynchronous
+            # offload's, see [Note: offload pipeline] in _accelerator.py). A list used twice
+            # in a row ends the alternation and the other entry goes, so the tensors of a
+            # model whose parameters were replaced are not kept.
+            for n, (key, cached) in enumerate(cache):
                 if key is flat:
+                    self._sources_cache = cache[:1] if n == 0 else (cache[n], *cache[:n])
                     return cached
         gathered = None
         if self._owner_push:
@@ -255,7 +259,7 @@ class BaseAveragedModel:
             else:
                 sources.append([flat[i][slot.start - la : slot.end - la]])
         if not self._owner_push:
-            self._sources_cache = ((flat, sources), *(self._sources_cache or ())[:1])
+            self._sources_cache = ((flat, sources), *cache[:1])
         return sources
 
     def _seed(self, model: nn.Module) -> None:

@@ -1,16 +1,21 @@
 """The accelerator paths: CUDA side stream and pinned CPU offload (skipped without CUDA).
 
-The timing and the ~350M-parameter figures live in ``launch/gpu_check.py``.
+The stretched races, their negative controls, the timing and the ~350M-parameter figures
+live in ``launch/gpu_check.py``; the offload's host side also runs without a GPU
+(test_offload_on_host.py).
 """
 
 from __future__ import annotations
+
+import gc
+import weakref
 
 import pytest
 import torch
 from torch import nn
 
 import distavg
-from distavg._accelerator import BUCKET_BYTES, OffloadEngine, StreamEngine
+from distavg._accelerator import BUCKET_BYTES, OffloadEngine, StreamEngine, pinned_block_bytes
 
 pytestmark = [
     pytest.mark.gpu,
@@ -94,24 +99,79 @@ def test_steady_state_has_no_host_sync(device):
     avg.wait()
 
 
-def test_offload_holds_one_bucket_on_the_gpu_and_two_shards_pinned():
+def _pinned_active() -> int:
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.empty(1, pin_memory=True)  # an allocation retires freed blocks
+    return torch.cuda.host_memory_stats()["active_bytes.current"]
+
+
+@pytest.mark.parametrize("async_update", [False, True], ids=["sync", "async"])
+def test_offload_holds_one_bucket_on_the_gpu_and_reports_pinned_blocks_exactly(async_update):
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     _step(model, opt)  # gradients and optimizer state exist before the baseline
     torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    avg = distavg.ExponentialMovingAverage(model, device="cpu", async_update=True, optimizer=opt)
+    before, pinned_before = torch.cuda.memory_allocated(), _pinned_active()
+    avg = distavg.ExponentialMovingAverage(
+        model, device="cpu", async_update=async_update, optimizer=opt
+    )
     for _ in range(3):
         _step(model, opt)
         avg.update_parameters(model)
     avg.wait()
-    torch.cuda.synchronize()
     held = avg.engine.held_bytes()
     assert held["accelerator"] <= BUCKET_BYTES
-    # The averager keeps at most one bucket on the GPU (and a few snapshot buffers).
+    # The averager keeps at most one bucket on the GPU (the snapshots are pinned).
     assert torch.cuda.memory_allocated() - before <= BUCKET_BYTES + (1 << 20)
-    assert held["pinned_host"] + avg.shards.nbytes <= 2 * avg.shards.nbytes
+    # What the host allocator holds for it: the average and held_bytes, block by block.
+    average = sum(pinned_block_bytes(g.flat.nbytes) for g in avg.shards.groups.values())
+    assert _pinned_active() - pinned_before == average + held["pinned_host"]
+    # Per host set (two when asynchronous) one staging copy of the parameters (full
+    # buckets are powers of two: no rounding but the last) and the buffer snapshots.
+    params = sum(p.nbytes for p in model.parameters())
+    sets = 2 if async_update else 1
+    assert sets * params <= held["pinned_host"] <= sets * (params + 2 * BUCKET_BYTES)
     assert all(g.flat.is_pinned() for g in avg.shards.groups.values())
+    avg.close()
+
+
+def test_offload_keeps_no_gathered_buffer_between_updates():
+    # Like the owner push: the sources are fresh device buffers every update (allocated on
+    # the side stream, where the engine asks for them), used by that update only.
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sync = distavg.ExponentialMovingAverage(model, device="cpu", optimizer=opt)
+    asyn = distavg.ExponentialMovingAverage(model, device="cpu", async_update=True, optimizer=opt)
+    sources, fresh = asyn._sources, []
+
+    def gathered(flat):
+        torch.cuda._sleep(1_000_000)  # a slow collective, on the side stream
+        out = [[p.clone() if p.is_cuda else p for p in pieces] for pieces in sources(flat)]
+        fresh.extend(weakref.ref(p) for pieces in out for p in pieces if p.is_cuda)
+        return out
+
+    asyn._sources = gathered
+    for _ in range(6):
+        _step(model, opt)
+        sync.update_parameters(model)
+        asyn.update_parameters(model)
+    assert _same(sync, asyn)
+    gc.collect()
+    assert fresh and all(r() is None for r in fresh)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
+def test_offload_worker_thread_uses_the_parameters_device():
+    torch.manual_seed(0)
+    model = nn.Linear(64, 64).to("cuda:1")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    avg = distavg.ExponentialMovingAverage(model, device="cpu", async_update=True, optimizer=opt)
+    seen = []
+    avg.engine.worker.put(lambda: seen.append(torch.cuda.current_device()))
+    avg.wait()
+    assert seen == [1]  # not device 0: no context there from this thread
+    avg.close()
 
 
 def test_async_equals_sync_bitwise_with_bf16_params_and_fp32_average():
