@@ -146,7 +146,8 @@ class BaseAveragedModel:
             topo.device,
             group=self._group,
         )
-        self._sources_cache: tuple[object, list] | None = None
+        # (captured list, its sources) pairs: see _sources
+        self._sources_cache: tuple[tuple[list, list], ...] | None = None
         self.async_update = async_update
         self.engine = make_engine(
             self.shards,
@@ -223,7 +224,7 @@ class BaseAveragedModel:
                 )
             self._guards.precision(w)
             kind = Kind.LERP
-        self.engine.submit(Update(kind, w, lambda: self._sources(flat)))
+        self.engine.submit(Update(kind, w, lambda: self._sources(flat), self._owner_push))
         self._steps += 1
 
     def _sources(self, flat: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -265,7 +266,7 @@ class BaseAveragedModel:
     def _seed(self, model: nn.Module) -> None:
         """Start as a copy of ``model``: one synchronous copy through the engine."""
         flat = self.engine.capture(self.topology.local_tensors(model))
-        self.engine.submit(Update(Kind.COPY, 0.0, lambda: self._sources(flat)))
+        self.engine.submit(Update(Kind.COPY, 0.0, lambda: self._sources(flat), self._owner_push))
         self.engine.wait()
 
     def wait(self) -> None:

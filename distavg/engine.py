@@ -13,9 +13,11 @@ overlap them. Every engine offers:
 Buffers are different: forward mutates them (BatchNorm running statistics, DDP's buffer
 broadcast). An engine that defers the update copies them at enqueue time (``capture``) into
 memory of its own, and the update reads that copy.
-At most one update is in flight: ``capture`` and ``submit`` fence the previous one first,
-so snapshot and staging memory is reused without a race. After a real optimizer step this
-costs nothing (the pre-hook already fenced).
+At most one update is in flight (two on the asynchronous offload, which alternates two sets
+of snapshots and staging, see [Note: offload pipeline] in _accelerator.py): ``capture`` and
+``submit`` first settle the update that last used the memory they reuse, so snapshot and
+staging memory is reused without a race. After a real optimizer step this costs nothing
+(the pre-hook already fenced).
 An exception raised by a deferred update is kept and raised by the next ``capture``,
 ``submit``, ``fence`` or ``wait``: never silently dropped.
 
@@ -68,11 +70,14 @@ class Update:
         weight: the lerp weight (unused by the other kinds).
         sources: returns, per slot, the 1-D source pieces that fill this rank's region. It
             runs where the engine runs the update (it may communicate: the owner push).
+        one_shot: the sources are fresh buffers used once (the owner push's gathered
+            chunks): nothing may keep them after the update (see [Note: per-step caches]).
     """
 
     kind: Kind
     weight: float
     sources: Callable[[], Sources]
+    one_shot: bool = False
 
     def apply(self, shards: Shards, sources: Sources) -> None:
         if self.kind is Kind.LERP:
@@ -81,6 +86,8 @@ class Update:
             shards.copy_all(sources)
         else:
             shards.follow(sources)
+        if self.one_shot:
+            shards.forget(sources)
 
 
 class Engine:

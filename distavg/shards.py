@@ -316,6 +316,11 @@ class Shards:
         self._resolved = (sources, plans)
         return plans
 
+    def forget(self, sources: Sequence[Sequence[torch.Tensor]]) -> None:
+        """Drop the plan resolved for ``sources`` (one-shot buffers must not be kept)."""
+        if self._resolved is not None and self._resolved[0] is sources:
+            self._resolved = None
+
     @torch.inference_mode()
     def copy_all(self, sources: Sequence[Sequence[torch.Tensor]]) -> None:
         """avg <- src for every slot (the first update)."""

@@ -63,10 +63,6 @@ def _owner_push(async_update: bool) -> dict[str, int]:
 def test_owner_push_keeps_no_gathered_buffer_after_an_update(async_update, tmp_path):
     held = run_on_ranks(_owner_push, 2, async_update, workdir=tmp_path)  # the owner's counts
     assert held["received"] > 0
-    # Neither the averager nor its engine keeps them ...
+    # Neither the averager, nor its engine, nor the shards' plan cache keeps them.
     assert held["besides_shards_plan"] == 0, held
-    if held["alive"]:
-        # ... but Shards keeps the plan it resolved for the last sources, and with it the
-        # last update's gathered buffers, until the next update.
-        pytest.xfail(f"the shards' plan cache keeps {held['alive']} gathered buffers alive")
-    assert held["alive"] == 0
+    assert held["alive"] == 0, held
