@@ -15,8 +15,10 @@
 #   NPROC_PER_NODE  processes per node (default: the number of GPUs, or 2 without any)
 #   MAX_RESTARTS    restarts of the whole job after a failure (default 0); pair it with
 #                   --checkpoint-dir/--checkpoint-every (a path every node can reach)
+#   PYTHON          the interpreter that runs torchrun and the job (default: python)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-python}"
 
 : "${NNODES:?set NNODES to the number of nodes}"
 : "${NODE_RANK:?set NODE_RANK to the rank of this node, 0..NNODES-1}"
@@ -25,10 +27,10 @@ if [[ -z "${RDZV_ENDPOINT:-}" && -n "${MASTER_ADDR:-}" ]]; then
 fi
 : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT to host:port of the rendezvous (or MASTER_ADDR)}"
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
-  NPROC_PER_NODE=$(python -c "import torch; print(torch.cuda.device_count() or 2)")
+  NPROC_PER_NODE=$("${PYTHON}" -c "import torch; print(torch.cuda.device_count() or 2)")
 fi
 
-exec torchrun \
+exec "${PYTHON}" -m torch.distributed.run \
   --nnodes "${NNODES}" \
   --node-rank "${NODE_RANK}" \
   --nproc-per-node "${NPROC_PER_NODE}" \

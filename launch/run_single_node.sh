@@ -7,14 +7,16 @@
 #   NPROC_PER_NODE  processes to start (default: the number of GPUs, or 2 without any)
 #   MAX_RESTARTS    times torchrun restarts the job after a rank fails (default 0); pair it
 #                   with --checkpoint-dir/--checkpoint-every so a restart resumes
+#   PYTHON          the interpreter that runs torchrun and the job (default: python)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-python}"
 
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
-  NPROC_PER_NODE=$(python -c "import torch; print(torch.cuda.device_count() or 2)")
+  NPROC_PER_NODE=$("${PYTHON}" -c "import torch; print(torch.cuda.device_count() or 2)")
 fi
 
-exec torchrun \
+exec "${PYTHON}" -m torch.distributed.run \
   --standalone \
   --nproc-per-node "${NPROC_PER_NODE}" \
   --max-restarts "${MAX_RESTARTS:-0}" \

@@ -81,7 +81,8 @@ def _job(root: Path) -> None:
 
 
 def test_save_state_and_load_state_keep_every_ranks_shard(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+    root = Path(__file__).resolve().parents[2]  # distavg, wherever pytest was started
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         __file__, str(tmp_path),

@@ -1,12 +1,12 @@
 """The reference job (``launch/train.py``) under Hugging Face accelerate.
 
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 \\
-        launch/accelerate/train_accelerate.py
-    accelerate launch --config_file launch/accelerate/gpu_ddp.yaml launch/accelerate/train_accelerate.py
-    accelerate launch --config_file launch/accelerate/fsdp2.yaml launch/accelerate/train_accelerate.py
+        launch/train_accelerate.py
+    accelerate launch --config_file launch/accelerate/gpu_ddp.yaml launch/train_accelerate.py
+    accelerate launch --config_file launch/accelerate/fsdp2.yaml launch/train_accelerate.py
 
 Same flags as ``train.py`` except ``--parallel`` and ``--device``: the accelerate config
-picks DDP or FSDP2, CPU or GPU.
+(``launch/accelerate/*.yaml``) picks DDP or FSDP2, CPU or GPU.
 What differs from ``train.py`` is only the plumbing accelerate owns: ``prepare`` wraps the
 model, ``accelerator.backward`` runs backward, ``save_state``/``load_state`` write and
 read checkpoints. The average joins those with two lines::
@@ -19,15 +19,17 @@ read checkpoints. The average joins those with two lines::
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train as job  # noqa: E402  (launch/train.py: data, model, loop and report)
+from job import checkpoints
+from job.clock import Clock
+from job.config import parse_args
+from job.data import load_data
+from job.distributed import restart_count
+from job.loop import train
+from job.model import build_average, build_optimizer, mlp
+from job.report import report
 
 
 class Counter:
@@ -45,23 +47,15 @@ class Counter:
         self.step, self.history = int(sd["step"]), list(sd["history"])
 
 
-def latest_state(root: Path) -> Path | None:
-    # The average's DCP folder is written last-but-one and only completes with .metadata.
-    found = sorted(p.parent.parent for p in root.glob("step-*/distavg/.metadata"))
-    return found[-1] if found else None
-
-
 def main(argv: list[str] | None = None) -> None:
     from accelerate import Accelerator
 
     from distavg.integrations.accelerate import register_for_checkpointing
 
-    p = job.parser()
-    p.prog = "train_accelerate.py"
-    p.set_defaults(parallel=None, device=None)
-    args = job.parse_args(argv, p)
-    if args.parallel is not None or args.device is not None:
-        p.error("--parallel and --device are not used here: the accelerate config picks them")
+    picked = "the accelerate config picks it"
+    args = parse_args(
+        argv, prog="train_accelerate.py", unused={"parallel": picked, "device": picked}
+    )
 
     # 1. accelerate sets up the processes; one process still gets a group of one
     accelerator = Accelerator()
@@ -79,33 +73,35 @@ def main(argv: list[str] | None = None) -> None:
     args.parallel = accelerator.distributed_type.value.lower()
 
     # 2. data, model, optimizer (prepared by accelerate), the average
-    data = job.load_data(args, accelerator.device)
-    model = job.mlp(args)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    data = load_data(args.seed, args.label_noise, accelerator.device)
+    model = mlp(args.hidden, args.seed)
+    optimizer = build_optimizer(args, model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    clock = job.Clock(optimizer)
-    ema = job.build_average(args, model, optimizer)
+    clock = Clock(optimizer, accelerator.device)
+    ema = build_average(args, model, optimizer)
     clock.after_averager_built(optimizer)
     register_for_checkpointing(accelerator, ema)  # every rank's shard, through DCP
     progress = Counter()
     accelerator.register_for_checkpointing(progress)
 
     # 3. resume
-    if args.checkpoint_dir and (args.resume or job.restart_count() > 0):
-        found = latest_state(args.checkpoint_dir)
+    if args.checkpoint_dir and (args.resume or restart_count() > 0):
+        found = checkpoints.choose_checkpoint(args.checkpoint_dir)
         if found is not None:
             accelerator.load_state(str(found))
             accelerator.print(f"resumed from {found} at step {progress.step}")
 
-    def save() -> None:
-        accelerator.save_state(str(args.checkpoint_dir / f"step-{progress.step:06d}"))
+    def save() -> None:  # committed as train.py's are: see job/checkpoints.py
+        checkpoints.save(
+            args.checkpoint_dir, progress.step, lambda path: accelerator.save_state(str(path))
+        )
 
     # 4. train; 5. report and close
-    job.train(
+    train(
         args, data, model, optimizer, ema, progress, clock,
         backward=accelerator.backward, save=save,
     )  # fmt: skip
-    job.report(args, ema, progress, clock, len(data.y_test))
+    report(args, ema, progress, clock, len(data.y_test))
     ema.close()  # waits for the last update, stops the worker, removes the fence
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys accelerate's process group
