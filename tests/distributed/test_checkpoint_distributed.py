@@ -5,7 +5,10 @@ synchronous and asynchronous updates)."""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ import torch.distributed.checkpoint as dcp
 from dist_utils import run_distributed
 from reference import perturb, small_model, train_forward, wrap
 from torch import nn
+from torch.distributed.checkpoint.staging import AsyncStager, BlockingAsyncStager
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import distavg
@@ -59,6 +63,37 @@ def _local(avg: distavg.BaseAveragedModel) -> list[torch.Tensor]:
     return [v.clone() for v in avg.shards.views]
 
 
+def _result(avg: distavg.BaseAveragedModel) -> dict[str, Any]:
+    """Every rank's step count, and the whole average (on the owner, rank 0: {} elsewhere)."""
+    steps = [None] * dist.get_world_size()
+    dist.all_gather_object(steps, avg.steps)
+    return {"steps": steps, "full": avg.full_state_dict()}
+
+
+class _HeldStager(AsyncStager):
+    """DCP's own staging (``FileSystemWriter``'s copy, which the upload then writes), run in
+    the background and only once the test releases it: an update made before the release
+    always races with the save, on any machine. ``log`` records when the copy was made."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+        self.release = threading.Event()
+        self._copy = BlockingAsyncStager()
+        self._pool = ThreadPoolExecutor(1)
+
+    def stage(self, state_dict: dict[str, Any]) -> Future:
+        def staged() -> dict[str, Any]:
+            assert self.release.wait(60), "the test never released the staging"
+            self.log.append("staged")
+            return self._copy.stage(state_dict)
+
+        return self._pool.submit(staged)
+
+    def close(self) -> None:
+        self._pool.shutdown()
+        self._copy.close()
+
+
 def _shard_bytes(directory: Path, rank: int) -> int:
     return sum(p.stat().st_size for p in directory.glob(f"__{rank}_*.distcp"))
 
@@ -88,20 +123,22 @@ def _save_at_two(rank: int, world: int, root: str) -> None:
     assert written["owner"][0] / model_bytes > 0.98, written
     assert written["owner"][1] / model_bytes < 0.02, written
 
-    # 2. load into the other placement, both ways, exactly
+    # 2. load into the other placement, both ways (the test compares with the references)
+    results = {}
     for saved, into in (("sharded", "owner"), ("owner", "sharded")):
         avg = _fresh(into)
         dcp.load({"ema": avg}, checkpoint_id=root / saved)
-        _check_full(avg, refs[saved], f"{saved} -> {into}")
+        results[f"{saved} -> {into}"] = _result(avg)
 
     # a whole-tensor state dict (owner rank's, e.g. from torch.load) loads into the sharded
     # placement without DCP: each rank takes its chunk
     _, owner = _trained("owner")
-    whole = [owner.state_dict() if rank == 0 else None]
+    owned = owner.state_dict()  # every rank calls it (it checks the ranks agree)
+    whole = [owned if rank == 0 else None]
     dist.broadcast_object_list(whole, src=0)
     avg = _fresh("sharded")
     avg.load_state_dict(whole[0])
-    _check_full(avg, refs["owner"], "whole state dict -> sharded")
+    results["whole state dict -> sharded"] = _result(avg)
 
     # 3. another rule is an error on every rank, and the average stays as it was
     model = nn.parallel.DistributedDataParallel(small_model(seed=3))
@@ -113,15 +150,25 @@ def _save_at_two(rank: int, world: int, root: str) -> None:
     assert all(torch.equal(a, b) for a, b in zip(_local(other), before, strict=True))
     assert other.steps == 1
 
-    # 4. async_save writes the average as it was when called, not as it is later
+    # 4. async_save while an update runs: the staging is held until the update is done
     model, avg = _trained("sharded")
-    pending = dcp.async_save({"ema": avg}, checkpoint_id=root / "async")
-    perturb(model, 99)
-    avg.update_parameters(model)  # runs while the save may still be writing
-    (pending.result() if hasattr(pending, "result") else pending.upload_completion.result())
+    log: list[str] = []
+    stager = _HeldStager(log)
+    pending = dcp.async_save({"ema": avg}, checkpoint_id=root / "async", async_stager=stager)
+    for s in range(STEPS, STEPS + 2):  # a following call, then an averaging one (interval 2)
+        perturb(model, s)
+        avg.update_parameters(model)
+    log.append("updated")
+    stager.release.set()
+    pending.upload_completion.result()
+    stager.close()
+    results["async_save order"] = log
+    results["after async_save"] = _result(avg)  # the live average, with the update
     restored = _fresh("sharded")
     dcp.load({"ema": restored}, checkpoint_id=root / "async")
-    _check_full(restored, refs["sharded"], "async_save")
+    results["async_save"] = _result(restored)
+    if rank == 0:
+        torch.save(results, root / "results.pt")
 
 
 def _load_at_three(rank: int, world: int, root: str) -> None:
@@ -141,8 +188,27 @@ def saved_at_two(tmp_path_factory) -> Path:
     return root
 
 
+def _assert_exact(got: dict[str, Any], ref: dict[str, Any], where: str) -> None:
+    assert got["steps"] == [ref["steps"]] * 2, where  # on both ranks
+    assert got["full"].keys() == ref["full"].keys(), where
+    for k, v in ref["full"].items():
+        assert torch.equal(got["full"][k], v), f"{where}: {k}"
+
+
 def test_save_at_two_ranks_loads_into_both_placements_and_async_save_snapshots(saved_at_two):
-    assert (saved_at_two / "sharded" / ".metadata").is_file()
+    refs = {p: torch.load(saved_at_two / f"{p}.ref.pt") for p in ("sharded", "owner")}
+    got = torch.load(saved_at_two / "results.pt")
+    # a save of either placement loads into the other one exactly
+    _assert_exact(got["sharded -> owner"], refs["sharded"], "sharded -> owner")
+    _assert_exact(got["owner -> sharded"], refs["owner"], "owner -> sharded")
+    _assert_exact(got["whole state dict -> sharded"], refs["owner"], "whole -> sharded")
+    # the update ran before async_save's staging copied the average, and changed it ...
+    assert got["async_save order"] == ["updated", "staged"]
+    after = got["after async_save"]
+    assert after["steps"] == [STEPS + 2] * 2
+    assert any(not torch.equal(after["full"][k], v) for k, v in refs["sharded"]["full"].items())
+    # ... yet the checkpoint holds the average as it was when async_save was called
+    _assert_exact(got["async_save"], refs["sharded"], "async_save")
 
 
 def test_save_at_two_ranks_loads_exactly_at_three(saved_at_two, tmp_path):

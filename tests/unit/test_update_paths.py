@@ -86,12 +86,49 @@ def test_eager_upcast_path_matches_per_tensor_lerp_bitwise():
     _assert_bitwise(got, ref)
 
 
-def test_fused_upcast_path_matches_per_tensor_lerp_bitwise():
+def _require_cpp_compiler() -> None:
+    """Skip unless inductor finds the C++ compiler that ``torch.compile`` needs on CPU."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as e:
+        pytest.skip(f"torch.compile on CPU needs a C++ compiler, none found here: {e}")
+
+
+def test_fused_upcast_path_matches_per_tensor_lerp_bitwise(monkeypatch):
+    _require_cpp_compiler()
+    # A fresh attempt (probe included), whatever an earlier test left behind.
+    monkeypatch.setattr(_kernels, "_failure", None)
+    monkeypatch.setattr(_kernels, "_ready", False)
+    compiled_calls = []
+    kernel = _kernels._kernel
+
+    def counted() -> object:
+        compiled = kernel()
+
+        def run(avg: torch.Tensor, src: torch.Tensor, w: torch.Tensor) -> None:
+            compiled(avg, src, w)
+            compiled_calls.append(avg.numel())
+
+        return run
+
+    def eager(*args) -> None:
+        raise AssertionError(f"the eager upcast path ran: {_kernels.status()}")
+
+    monkeypatch.setattr(_kernels, "_kernel", counted)
+    monkeypatch.setattr(shards, "_staged_upcast_lerp", eager)
     ref = _reference(_mixed_model(torch.bfloat16), torch.float32, list(_Schedule.WEIGHTS))
     with _kernels.fused_upcast(True):
-        _, got = _run(_mixed_model(torch.bfloat16), dtype=torch.float32)
-    # Bitwise when it compiled (one fma, as eager); the eager fallback is bitwise too.
-    assert _kernels.compiled_ready() or "fell back" in _kernels.status()
+        avg, got = _run(_mixed_model(torch.bfloat16), dtype=torch.float32)
+    assert _kernels.compiled_ready(), _kernels.status()
+    upcast = avg.shards.groups[torch.float32].routes[Route.UPCAST]
+    sizes = sorted(avg.shards.slots[i].numel for i in upcast)
+    lerps = len(_Schedule.WEIGHTS) - 1  # every call but the first averages
+    # the probe on a copy, then every upcast tensor on every averaging call
+    assert len(upcast) == 2 and len(compiled_calls) == 1 + lerps * len(upcast)
+    assert sorted(compiled_calls[1:]) == sorted(sizes * lerps)
+    # Bitwise: one fma, as eager's lerp (see [Note: fused upcast-lerp]).
     _assert_bitwise(got, ref)
 
 
