@@ -14,7 +14,8 @@ is the same object, returns the same list object itself:
   2. ``Engine.capture`` -> ``Snapshots.refresh`` (engine.py): the snapshot memory is
      allocated, and the list with snapshots in place of the buffers built, once per list;
      ``_protect`` marks the tensors for the side stream once per list (_accelerator.py).
-  3. ``BaseAveragedModel._sources`` (averaged.py): the per-slot source slices.
+  3. ``BaseAveragedModel._sources`` (averaged.py): the per-slot source slices (not for
+     the FSDP2 owner push, which gathers anew on every update).
   4. ``Shards._plan`` (shards.py) and the accelerator engines' ``_plan``
      (_accelerator.py): the per-group update plan (views, staging blocks, buckets).
 A stage that returns a fresh list, even an equal one (``list(...)``, a comprehension, a
