@@ -239,7 +239,7 @@ class BaseAveragedModel:
         cache = self._sources_cache or ()
         if not self._owner_push:
             # Cached per captured list: one, or two that alternate (the asynchronous
-            # offload's, see [Note: offload pipeline] in _accelerator.py). A list used twice
+            # offload's, see [Note: offload pipeline] in _offload.py). A list used twice
             # in a row ends the alternation and the other entry goes, so the tensors of a
             # model whose parameters were replaced are not kept.
             for n, (key, cached) in enumerate(cache):
@@ -397,7 +397,7 @@ def make_engine(
     """
     on_accelerator = params_device.type != "cpu"
     if on_accelerator and shards.device.type == "cpu":
-        from ._accelerator import OffloadEngine
+        from ._offload import OffloadEngine
 
         return OffloadEngine(shards, volatile, params_device, blocking=not async_update)
     if not async_update:

@@ -14,7 +14,7 @@ Buffers are different: forward mutates them (BatchNorm running statistics, DDP's
 broadcast). An engine that defers the update copies them at enqueue time (``capture``) into
 memory of its own, and the update reads that copy.
 At most one update is in flight (two on the asynchronous offload, which alternates two sets
-of snapshots and staging, see [Note: offload pipeline] in _accelerator.py): ``capture`` and
+of snapshots and staging, see [Note: offload pipeline] in _offload.py): ``capture`` and
 ``submit`` first settle the update that last used the memory they reuse, so snapshot and
 staging memory is reused without a race. After a real optimizer step this costs nothing
 (the pre-hook already fenced).
@@ -22,7 +22,8 @@ An exception raised by a deferred update is kept and raised by the next ``captur
 ``submit``, ``fence`` or ``wait``: never silently dropped.
 
 The paths (chosen in one place, ``averaged.make_engine``; the accelerator engines live in
-``_accelerator.py``, which builds on this module and is never imported by it):
+``_accelerator.py`` and ``_offload.py``, which build on this module and are never imported
+by it):
 
 =============  =================  ======  ====================================
 parameters     average            async   engine

@@ -13,11 +13,11 @@ is the same object, returns the same list object itself:
      returns its cached list of flat local views. The start of the chain.
   2. ``Engine.capture`` -> ``Snapshots.refresh`` (engine.py): the snapshot memory is
      allocated, and the list with snapshots in place of the buffers built, once per list;
-     ``_protect`` marks the tensors for the side stream once per list (_accelerator.py).
+     ``protect`` marks the tensors for the side stream once per list (_accelerator.py).
   3. ``BaseAveragedModel._sources`` (averaged.py): the per-slot source slices (not for
      the FSDP2 owner push, which gathers anew on every update).
   4. ``Shards._plan`` (shards.py) and the accelerator engines' ``_plan``
-     (_accelerator.py): the per-group update plan (views, staging blocks, buckets).
+     (_offload.py): the per-group update plan (views, staging blocks, buckets).
 A stage that returns a fresh list, even an equal one (``list(...)``, a comprehension, a
 filtered copy), silently turns every later cache off: the results stay correct, and every
 step pays again for slices, plans, snapshot allocations and ``record_stream`` calls.

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 import distavg
-from distavg._accelerator import pinned_block_bytes
+from distavg._offload import pinned_block_bytes
 
 EMA = distavg.ExponentialMovingAverage
 PASS, FAIL, INFO = "PASS", "FAIL", "info"

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 import distavg
-from distavg._accelerator import BUCKET_BYTES, OffloadEngine, StreamEngine, pinned_block_bytes
+from distavg._accelerator import StreamEngine
+from distavg._offload import BUCKET_BYTES, OffloadEngine, pinned_block_bytes
 
 pytestmark = [
     pytest.mark.gpu,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import distavg
-from distavg._accelerator import OffloadEngine, OffloadPlan, pinned_block_bytes
+from distavg._offload import OffloadEngine, OffloadPlan, pinned_block_bytes
 
 CPU = torch.device("cpu")
 

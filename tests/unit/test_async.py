@@ -12,7 +12,7 @@ from reference import all_rules
 from torch import nn
 
 import distavg
-from distavg._accelerator import OffloadPlan
+from distavg._offload import OffloadPlan
 from distavg._steps import StepWatch
 from distavg.engine import Kind, SyncEngine, WorkerEngine
 
