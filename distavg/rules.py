@@ -336,3 +336,33 @@ class HalfLifeEMA(BaseAveragedModel):
 
     def hparams(self) -> dict[str, Any]:
         return {**super().hparams(), "half_life": self.half_life, "rampup": self.rampup}
+
+
+# Each rule by its short name (the job's --rule, the integrations' rule=); its class name
+# is accepted too (mmengine's configs name the class).
+RULES: dict[str, type[BaseAveragedModel]] = {
+    "ema": ExponentialMovingAverage,
+    "annealing": MomentumAnnealingEMA,
+    "swa": StochasticWeightAverage,
+    "warmup": WarmupEMA,
+    "power": PowerEMA,
+    "halflife": HalfLifeEMA,
+}
+
+
+def rule_class(rule: str | type[BaseAveragedModel], name: str = "rule") -> type[BaseAveragedModel]:
+    """The rule ``rule`` names: a short name of :data:`RULES`, a class name, or a class.
+
+    Args:
+        rule: what the user passed.
+        name: the argument's name, for the error.
+    """
+    if isinstance(rule, type) and issubclass(rule, BaseAveragedModel):
+        return rule
+    by_class = {cls.__name__: cls for cls in RULES.values()}
+    if isinstance(rule, str) and (rule in RULES or rule in by_class):
+        return RULES.get(rule) or by_class[rule]
+    raise ValueError(
+        f"{name} must be one of {list(RULES)}, a class name {list(by_class)}, or a "
+        f"distavg.BaseAveragedModel subclass, got {rule!r}"
+    )

@@ -59,25 +59,9 @@ except ImportError as e:
 SUFFIX = ".distavg"  # the average of checkpoint <name> is in the folder <name>.distavg
 KEY = "ema"  # the average's key in that folder (``distavg export`` reads it by default)
 
-# ema_type: mmengine's names (``mmengine.model.averaged_model``, same numerics) and the short
-# names the other integrations use.
-RULES: dict[str, type[BaseAveragedModel]] = {
-    "ExponentialMovingAverage": rules.ExponentialMovingAverage,
-    "MomentumAnnealingEMA": rules.MomentumAnnealingEMA,
-    "StochasticWeightAverage": rules.StochasticWeightAverage,
-    "WarmupEMA": rules.WarmupEMA,
-    "PowerEMA": rules.PowerEMA,
-    "HalfLifeEMA": rules.HalfLifeEMA,
-    "ema": rules.ExponentialMovingAverage,
-    "annealing": rules.MomentumAnnealingEMA,
-    "swa": rules.StochasticWeightAverage,
-    "warmup": rules.WarmupEMA,
-    "power": rules.PowerEMA,
-    "halflife": rules.HalfLifeEMA,
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-__all__ = ["KEY", "RULES", "SUFFIX", "DistAvgHook"]
+__all__ = ["KEY", "SUFFIX", "DistAvgHook"]
 
 
 @HOOKS.register_module()
@@ -126,7 +110,7 @@ class DistAvgHook(Hook):
         export_file: str | None = None,
         **kwargs: Any,
     ) -> None:
-        self.rule = _rule(ema_type)
+        self.rule = rules.rule_class(ema_type, "ema_type")
         self.kwargs = _rule_kwargs(self.rule, kwargs)
         if begin_iter != 0 and begin_epoch != 0:
             raise ValueError(
@@ -312,17 +296,6 @@ class DistAvgHook(Hook):
         load_averages(
             _locate(record["path"], getattr(runner, "_load_from", None)), {KEY: self.average}
         )
-
-
-def _rule(ema_type: str | type[BaseAveragedModel]) -> type[BaseAveragedModel]:
-    if isinstance(ema_type, type) and issubclass(ema_type, BaseAveragedModel):
-        return ema_type
-    if isinstance(ema_type, str) and ema_type in RULES:
-        return RULES[ema_type]
-    raise ValueError(
-        f"ema_type must be one of {sorted(RULES)} or a distavg.BaseAveragedModel subclass, "
-        f"got {ema_type!r}"
-    )
 
 
 def _rule_kwargs(rule: type[BaseAveragedModel], kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -54,15 +54,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import (
-    BaseAveragedModel,
-    ExponentialMovingAverage,
-    HalfLifeEMA,
-    MomentumAnnealingEMA,
-    PowerEMA,
-    StochasticWeightAverage,
-    WarmupEMA,
-)
+from ..averaged import BaseAveragedModel
+from ..rules import rule_class
 from ._save import OLD, SAVING, load_averages, save_averages, saved
 
 try:
@@ -77,16 +70,8 @@ except ImportError as e:
 
 FOLDER = "distavg"
 KEY = "ema"  # the key the average is saved under (``distavg export --key``'s default)
-RULES: dict[str, type[BaseAveragedModel]] = {
-    "ema": ExponentialMovingAverage,
-    "swa": StochasticWeightAverage,
-    "annealing": MomentumAnnealingEMA,
-    "warmup": WarmupEMA,
-    "power": PowerEMA,
-    "halflife": HalfLifeEMA,
-}
 
-__all__ = ["FOLDER", "RULES", "DistAvgCallback", "export_pretrained"]
+__all__ = ["FOLDER", "DistAvgCallback", "export_pretrained"]
 
 
 class DistAvgCallback(TrainerCallback):
@@ -94,7 +79,7 @@ class DistAvgCallback(TrainerCallback):
 
     Args:
         rule: ``"ema"``, ``"swa"``, ``"annealing"``, ``"warmup"``, ``"power"``,
-            ``"halflife"`` (see :data:`RULES`) or a :class:`~distavg.BaseAveragedModel`
+            ``"halflife"`` (see :data:`distavg.rules.RULES`) or a :class:`~distavg.BaseAveragedModel`
             subclass.
         evaluate_average: run the Trainer's evaluations during training on the average
             instead of the live weights (see [Note: evaluation on the average]).
@@ -128,7 +113,7 @@ class DistAvgCallback(TrainerCallback):
         strict_resume: bool = True,
         **rule_kwargs: Any,
     ) -> None:
-        self.rule = _rule_class(rule)
+        self.rule = rule_class(rule)
         if "optimizer" in rule_kwargs or "model" in rule_kwargs:
             raise ValueError(
                 "DistAvgCallback passes the Trainer's model and optimizer to the rule; got "
@@ -301,16 +286,6 @@ def export_pretrained(
         return None
     module.save_pretrained(out_dir, state_dict=state, **save_kwargs)
     return Path(out_dir)
-
-
-def _rule_class(rule: str | type[BaseAveragedModel]) -> type[BaseAveragedModel]:
-    if isinstance(rule, str) and rule in RULES:
-        return RULES[rule]
-    if isinstance(rule, type) and issubclass(rule, BaseAveragedModel):
-        return rule
-    raise ValueError(
-        f"rule must be one of {list(RULES)} or a distavg.BaseAveragedModel subclass, got {rule!r}"
-    )
 
 
 def _check_model(model: nn.Module | None) -> None:
