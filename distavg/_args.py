@@ -14,7 +14,13 @@ PLACEMENTS = ("sharded", "owner")
 LERP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def positive(name: str, value: Any) -> None:
+class SeedArgumentError(ValueError, AssertionError):
+    """A bad ``momentum``, ``gamma`` or ``interval``: mmengine raises ``AssertionError`` for
+    these, so code that catches it keeps working; it is a ``ValueError`` like every other
+    argument error here."""
+
+
+def positive(name: str, value: Any, error: type[ValueError] = ValueError) -> None:
     """``value`` is a finite real number > 0."""
     if (
         isinstance(value, bool)
@@ -22,14 +28,14 @@ def positive(name: str, value: Any) -> None:
         or not math.isfinite(value)
         or not value > 0
     ):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        raise error(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def check_options(
     interval: Any, update_buffers: Any, placement: Any, dtype: Any, async_update: Any
 ) -> None:
     if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-        raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
+        raise SeedArgumentError(f"interval must be an integer >= 1, got {interval!r}")
     if not isinstance(update_buffers, bool):
         raise ValueError(f"update_buffers must be True or False, got {update_buffers!r}")
     if not isinstance(async_update, bool):

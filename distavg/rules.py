@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._args import positive
+from ._args import SeedArgumentError, positive
 from .averaged import BaseAveragedModel
 
 
@@ -86,7 +86,7 @@ def _check_momentum(momentum: float) -> None:
         or not isinstance(momentum, int | float)
         or not (0.0 < momentum < 1.0)
     ):
-        raise ValueError(f"momentum must be in (0, 1), got {momentum!r}")
+        raise SeedArgumentError(f"momentum must be in (0, 1), got {momentum!r}")
     if momentum > 0.5:
         warnings.warn(
             f"momentum={momentum} is the weight of the new value (1 - decay); values above "
@@ -117,7 +117,7 @@ class MomentumAnnealingEMA(ExponentialMovingAverage):
         async_update: bool = False,
         optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     ) -> None:
-        positive("gamma", gamma)
+        positive("gamma", gamma, SeedArgumentError)
         self.gamma = gamma
         super().__init__(
             model,
@@ -263,7 +263,7 @@ class PowerEMA(BaseAveragedModel):
         if gamma is None:
             gamma = sigma_rel_to_gamma(sigma_rel)
         else:
-            positive("gamma", gamma)
+            positive("gamma", gamma, SeedArgumentError)
         self.sigma_rel, self.gamma = sigma_rel, float(gamma)
         super().__init__(
             model,

@@ -304,3 +304,20 @@ def test_rule_signatures_spell_out_the_distributed_keywords(cls):
 def test_device_naming_the_parameters_device_is_normalised():
     avg = distavg.ExponentialMovingAverage(nn.Linear(2, 2), device=torch.device("cpu"))
     assert avg.device == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (distavg.ExponentialMovingAverage, {"momentum": 1.5}),
+        (distavg.MomentumAnnealingEMA, {"gamma": 0}),
+        (distavg.PowerEMA, {"gamma": -1.0}),
+        (distavg.StochasticWeightAverage, {"interval": 0}),
+    ],
+)
+def test_seed_argument_errors_are_catchable_as_mmengine_raises_them(cls, kwargs):
+    # mmengine asserts on momentum, gamma and interval: `except AssertionError` keeps working
+    with pytest.raises(AssertionError):
+        cls(nn.Linear(2, 2), **kwargs)
+    with pytest.raises(ValueError):
+        cls(nn.Linear(2, 2), **kwargs)
