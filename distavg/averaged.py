@@ -10,6 +10,7 @@ One update, on every rank:
 from __future__ import annotations
 
 import atexit
+import functools
 import inspect
 import logging
 import os
@@ -25,9 +26,11 @@ from torch import nn
 
 from . import _args, state, swap
 from ._comm import ChunkComm, agree
+from ._engines import make_engine
 from ._guards import Guards
+from ._hooks import AvgFn, MultiAvgFn, custom_average
 from ._steps import StepWatch, remove_inert_hooks
-from .engine import Engine, Kind, SyncEngine, Update, WorkerEngine
+from .engine import Kind, Update
 from .shards import Shards, slots_for
 from .topology import Topology, unwrap
 
@@ -89,6 +92,13 @@ class BaseAveragedModel:
             parameter of the model is fenced; any other code that writes the parameters
             must call :meth:`wait` first.
 
+        avg_fn: torch's ``avg_fn(averaged, current, num_averaged) -> new`` (e.g.
+            ``torch.optim.swa_utils.get_ema_avg_fn(0.999)``), run on this rank's chunk of
+            each averaged tensor instead of ``weight(steps)`` (see _hooks.py).
+        multi_avg_fn: torch's ``multi_avg_fn(averaged_list, current_list, num_averaged)``
+            (e.g. ``get_ema_multi_avg_fn(0.999)``), likewise. Overriding :meth:`avg_func`
+            (mmengine's way) does the same.
+
     The average starts as a copy of ``model`` (like ``torch.optim.swa_utils.AveragedModel``
     and mmengine), so it is readable before the first update; the first counted
     :meth:`update_parameters` copies the source again.
@@ -112,6 +122,8 @@ class BaseAveragedModel:
         dtype: torch.dtype | None = None,
         async_update: bool = False,
         optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+        avg_fn: AvgFn | None = None,
+        multi_avg_fn: MultiAvgFn | None = None,
     ) -> None:
         remove_inert_hooks()
         _args.check_options(interval, update_buffers, placement, dtype, async_update)
@@ -135,6 +147,10 @@ class BaseAveragedModel:
         low = (torch.bfloat16, torch.float16)  # checked on every averaging call: found once
         low_dtypes = dict.fromkeys(s.dtype for s in averaged if s.dtype in low)
         self._guards = Guards(topo.world, list(low_dtypes))
+        overridden = type(self).avg_func is not BaseAveragedModel.avg_func
+        self._custom = custom_average(
+            self.avg_func if overridden else None, avg_fn, multi_avg_fn, self.device, topo.device
+        )
         # The owner push runs on a group of its own, so that (possibly deferred) it never
         # interleaves with the training's collectives.
         self._group = dist.new_group() if self._owner_push else None
@@ -174,7 +190,21 @@ class BaseAveragedModel:
 
     def weight(self, steps: int) -> float:
         """Weight of the new value at averaging call ``steps`` (0-based, ``steps >= 1``)."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} defines no weight(steps): override it (the fast path), or "
+            f"override avg_func, or pass avg_fn= or multi_avg_fn="
+        )
+
+    def avg_func(
+        self, averaged_param: torch.Tensor, source_param: torch.Tensor, steps: int
+    ) -> None:
+        """mmengine's extension point: update ``averaged_param`` in place at call ``steps``.
+
+        Overriding it replaces the fused ``weight(steps)`` path by a call per averaged tensor
+        on this rank's chunk (see _hooks.py); the default is that path's
+        ``averaged_param.lerp_(source_param, weight(steps))``.
+        """
+        averaged_param.lerp_(source_param, self.weight(steps))
 
     def hparams(self) -> dict[str, Any]:
         """The rule's parameters; saved with the average and checked on load."""
@@ -214,9 +244,12 @@ class BaseAveragedModel:
         self._guards.unstepped = 0
         # Capturing first also fences the previous update and raises its error, if any.
         flat = self.engine.capture(self.topology.local_tensors(model))
-        steps = self._steps
+        steps, custom = self._steps, None
         kind, w = (Kind.COPY, 0.0) if steps == 0 else (Kind.FOLLOW, 0.0)
-        if steps and steps % self.interval == 0:
+        if steps and steps % self.interval == 0 and self._custom is not None:
+            kind = Kind.CUSTOM
+            custom = functools.partial(self._custom.apply, steps=steps, interval=self.interval)
+        elif steps and steps % self.interval == 0:
             w = float(self.weight(steps))
             if not 0.0 <= w <= 1.0:
                 raise ValueError(
@@ -224,7 +257,8 @@ class BaseAveragedModel:
                 )
             self._guards.precision(w)
             kind = Kind.LERP
-        self.engine.submit(Update(kind, w, lambda: self._sources(flat), self._owner_push))
+        sources = functools.partial(self._sources, flat)
+        self.engine.submit(Update(kind, w, sources, self._owner_push, custom))
         self._steps += 1
 
     def _sources(self, flat: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -381,29 +415,3 @@ class BaseAveragedModel:
             f"placement={self.placement!r}, world={t.world}, topology={t.kind!r}, "
             f"steps={self._steps}, bytes={self.shards.nbytes})"
         )
-
-
-def make_engine(
-    shards: Shards,
-    params_device: torch.device,
-    *,
-    async_update: bool,
-    volatile: Sequence[int],
-) -> Engine:
-    """The engine for an average on ``shards.device`` of parameters on ``params_device``.
-
-    See the table in engine.py's docstring. ``volatile`` lists the tensors forward may
-    mutate (buffers), which a deferred update must capture at enqueue time.
-    """
-    on_accelerator = params_device.type != "cpu"
-    if on_accelerator and shards.device.type == "cpu":
-        from ._offload import OffloadEngine
-
-        return OffloadEngine(shards, volatile, params_device, blocking=not async_update)
-    if not async_update:
-        return SyncEngine(shards)
-    if on_accelerator:
-        from ._accelerator import StreamEngine
-
-        return StreamEngine(shards, volatile, params_device)
-    return WorkerEngine(shards, volatile)

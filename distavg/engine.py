@@ -21,7 +21,7 @@ staging memory is reused without a race. After a real optimizer step this costs 
 An exception raised by a deferred update is kept and raised by the next ``capture``,
 ``submit``, ``fence`` or ``wait``: never silently dropped.
 
-The paths (chosen in one place, ``averaged.make_engine``; the accelerator engines live in
+The paths (chosen in one place, ``_engines.make_engine``; the accelerator engines live in
 ``_accelerator.py`` and ``_offload.py``, which build on this module and are never imported
 by it):
 
@@ -60,6 +60,7 @@ class Kind(Enum):
     COPY = "copy"  # avg <- src for every tensor (the first update)
     LERP = "lerp"  # avg <- avg + w * (src - avg) for averaged tensors, the others copied
     FOLLOW = "follow"  # only the tensors that follow the source are copied
+    CUSTOM = "custom"  # a user's averaging function (see _hooks.py), the others copied
 
 
 @dataclass(frozen=True)
@@ -73,18 +74,22 @@ class Update:
             runs where the engine runs the update (it may communicate: the owner push).
         one_shot: the sources are fresh buffers used once (the owner push's gathered
             chunks): nothing may keep them after the update (see [Note: per-step caches]).
+        custom: what a ``CUSTOM`` update does to the shards with its sources.
     """
 
     kind: Kind
     weight: float
     sources: Callable[[], Sources]
     one_shot: bool = False
+    custom: Callable[[Shards, Sources], None] | None = None
 
     def apply(self, shards: Shards, sources: Sources) -> None:
         if self.kind is Kind.LERP:
             shards.lerp(sources, self.weight)
         elif self.kind is Kind.COPY:
             shards.copy_all(sources)
+        elif self.kind is Kind.CUSTOM:
+            self.custom(shards, sources)
         else:
             shards.follow(sources)
         if self.one_shot:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from dist_utils import run_distributed
 from reference import perturb, small_model, train_forward, wrap
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import distavg
 from distavg import swap
@@ -110,7 +111,30 @@ def _owner_group_destroyed_on_close(rank: int, world: int) -> None:
     assert group not in dist.distributed_c10d._world.pg_map
 
 
+def _avg_fns_on_chunks(rank: int, world: int) -> None:
+    # torch's multi_avg_fn and mmengine's avg_func run on each rank's chunk: bitwise equal to
+    # torch's AveragedModel in one process.
+    fn = get_ema_multi_avg_fn(0.8)
+    for kind in ("ddp", "fsdp2"):
+        for placement in ("sharded", "owner"):
+            plain = small_model()
+            ref = AveragedModel(plain, multi_avg_fn=fn)
+            model = wrap(kind, small_model(), world)
+            avg = distavg.BaseAveragedModel(model, multi_avg_fn=fn, placement=placement)
+            for step in range(4):
+                perturb(plain, step)
+                perturb(model, step)
+                ref.update_parameters(plain)
+                avg.update_parameters(model)
+            got = avg.full_state_dict()
+            if rank == 0:
+                for name, p in ref.module.named_parameters():
+                    assert torch.equal(got[name], p), (kind, placement, name)
+            avg.close()
+
+
 def _misuse_body(rank: int, world: int, tmp: str) -> None:
+    _avg_fns_on_chunks(rank, world)
     _built_before_fully_shard(rank, world)
     _updated_on_one_rank_only(rank, world, os.path.join(tmp, "ckpt"))
     _swap_setup_fails_and_leaves_the_model(rank, world)
