@@ -63,18 +63,20 @@ def _export(args: argparse.Namespace) -> int:
     """``distavg export``: every failure is one line on stderr and exit status 1."""
     from .export import export_checkpoint
 
+    error = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             out = export_checkpoint(args.ckpt_dir, args.out, key=args.key, format=args.format)
         except Exception as e:  # the message is the report; a traceback would bury it
             known = isinstance(e, ValueError | ImportError | OSError)
-            _say("error", str(e) if known else f"{type(e).__name__}: {e}")
-            return 1
-        finally:
-            for w in caught:
-                if not str(w.message).startswith("torch.distributed is disabled"):
-                    _say("warning", str(w.message))
+            error = str(e) if known else f"{type(e).__name__}: {e}"
+    for w in caught:
+        if not str(w.message).startswith("torch.distributed is disabled"):
+            _say("warning", str(w.message))
+    if error is not None:
+        _say("error", error)
+        return 1
     print(f"wrote {out}")
     return 0
 

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from . import _reader
-from ._checksum import checksums, combine
+from ._checksum import checksums
 from .shards import rows_shape
 from .state import Record, parse_keys, row_span
 
@@ -128,20 +128,15 @@ def read_checkpoint(ckpt_dir: str | os.PathLike, key: str = "ema") -> dict[str, 
             f"could not read the average under key={key!r} from {str(path)!r} (a shard "
             f"file is missing or corrupt): {_reason(e)}"
         ) from e
+    missing = [name for name in records if prefix + name not in state]
+    if missing:
+        raise ValueError(f"checkpoint {str(path)!r} has no tensor {missing[0]!r} under {key!r}")
+    tensors = {name: state[prefix + name] for name in records}
+    _check(path, metadata, key, tensors, records)
     out: dict[str, torch.Tensor] = {}
     for name, record in records.items():
-        if prefix + name not in state:
-            raise ValueError(f"checkpoint {str(path)!r} has no tensor {name!r} under {key!r}")
-        tensor = state[prefix + name]
-        _check(path, metadata, prefix + name, tensor, record)
         for k in (name, *record.aliases):
-            out[k] = tensor
-    if records and all(r.checksum is None for r in records.values()):
-        warnings.warn(
-            f"checkpoint {str(path)!r} has no checksums (saved by an earlier distavg): its "
-            f"average under key={key!r} is read unchecked",
-            stacklevel=2,
-        )
+            out[k] = tensors[name]
     return out
 
 
@@ -169,32 +164,51 @@ def _reason(e: BaseException) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split("\n"))
 
 
-def _check(path: Path, metadata: Metadata, fqn: str, tensor: torch.Tensor, rec: Record) -> None:
-    """Raise if ``tensor`` does not match ``rec``'s checksum, naming the changed files."""
-    if rec.checksum is None:
-        return
-    flat = tensor.reshape(-1)
-    if tuple(combine(checksums([(flat, 0)]))) == rec.checksum:
-        return
-    name = fqn.split(".average.", 1)[1]
+def _check(
+    path: Path,
+    metadata: Metadata,
+    key: str,
+    tensors: dict[str, torch.Tensor],
+    records: dict[str, Record],
+) -> None:
+    """Raise unless every tensor matches its saved checksum; name the changed shard files."""
+    checked = [name for name, r in records.items() if r.checksum is not None]
+    if not checked and records:
+        warnings.warn(
+            f"checkpoint {str(path)!r} has no checksums (saved by an earlier distavg): its "
+            f"average under key={key!r} is read unchecked",
+            stacklevel=3,
+        )
+    sums = checksums([(tensors[name].reshape(-1), 0) for name in checked])
+    for name, got in zip(checked, sums, strict=True):
+        if tuple(got) != records[name].checksum:
+            where = _changed_files(
+                path, metadata, f"{key}.average.{name}", tensors[name], records[name]
+            )
+            raise ValueError(
+                f"checkpoint tensor {name!r} under key={key!r} does not match the checksum "
+                f"saved with it: {where or 'its data'} changed after the save (a corrupt "
+                f"shard file, or one of another save)"
+            )
+
+
+def _changed_files(
+    path: Path, metadata: Metadata, fqn: str, tensor: torch.Tensor, record: Record
+) -> str:
+    """The shard files whose chunk of ``tensor`` does not match its saved checksum."""
+    flat, saved = tensor.reshape(-1), {(c.start, c.end): c.checksum for c in record.chunks}
     md = metadata.state_dict_metadata[fqn]
-    saved = {(c.start, c.end): c.checksum for c in rec.chunks}
     bad = []
     for chunk in md.chunks if isinstance(md, TensorStorageMetadata) else ():
         span = _span(tensor.shape, chunk)
-        if span is None or span not in saved or span[0] == span[1]:
+        if span is None or span not in saved:
             continue
         (got,) = checksums([(flat[span[0] : span[1]], span[0])])
         if tuple(got) != saved[span]:
             info = metadata.storage_data.get(MetadataIndex(fqn, chunk.offsets))
             file = path / info.relative_path if info is not None else path
             bad.append(f"{str(file)!r} ({row_span(tensor.shape, *span)})")
-    where = f"its data in {', '.join(bad)}" if bad else "its data"
-    raise ValueError(
-        f"checkpoint tensor {name!r} under key={fqn.split('.average.', 1)[0]!r} does not "
-        f"match the checksum saved with it: {where} changed after the save (a corrupt "
-        f"shard file, or one of another save)"
-    )
+    return f"its data in {', '.join(bad)}" if bad else ""
 
 
 def _span(shape: torch.Size, chunk: ChunkStorageMetadata) -> tuple[int, int] | None:
@@ -310,7 +324,7 @@ def _target(out: str | os.PathLike, format: str | None) -> tuple[str, Path]:
     text = os.fspath(out)
     if not text:
         raise ValueError("out must name the file to write, got ''")
-    fmt, path = _format(text, format), Path(text)
+    path = Path(text)
     if path.is_dir() or text.endswith(("/", os.sep)):
         raise ValueError(
             f"out must name a file, got the directory {text!r} (e.g. "
@@ -320,7 +334,7 @@ def _target(out: str | os.PathLike, format: str | None) -> tuple[str, Path]:
         raise ValueError(
             f"out {text!r} is in a directory that does not exist: {str(path.parent)!r}"
         )
-    return fmt, path
+    return _format(text, format), path
 
 
 def _format(out: str | os.PathLike, format: str | None) -> str:

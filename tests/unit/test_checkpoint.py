@@ -314,3 +314,142 @@ def test_export_format_errors(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"pip install 'distavg\[safetensors\]'"):
         save_file(state, tmp_path / "y.safetensors")
     assert not (tmp_path / "y.safetensors").exists()
+
+
+# -- checksums ------------------------------------------------------------------------
+
+
+def _bit_patterns(dtype: torch.dtype, n: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8, generator=gen)
+    return raw.view(dtype)
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.uint8],
+)
+def test_checksum_changes_with_every_single_bit_flip_and_adds_up_over_any_chunking(dtype):
+    from distavg._checksum import checksums, combine
+
+    t = _bit_patterns(dtype, 70_001)  # more than one block of every size
+    (whole,) = checksums([(t, 0)])
+    for cuts in ([0, 1, 70_000, 70_001], [0, 5, 33_000, 33_001, 65_536, 70_001], [0, 70_001]):
+        pieces = [(t[a:b], a) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+        assert combine(checksums(pieces)) == whole
+    raw = t.view(torch.uint8)
+    for i in (0, 1, 32_767, 65_536, 70_000):  # every bit of a few elements
+        for byte in range(dtype.itemsize):
+            for bit in range(8):
+                flipped = raw.clone()
+                flipped[i * dtype.itemsize + byte] ^= 1 << bit
+                assert checksums([(flipped.view(dtype), 0)])[0] != whole, (i, byte, bit)
+    swapped = t.clone()
+    swapped[[3, 4]] = t[[4, 3]]  # position-aware: the same values elsewhere differ
+    if not torch.equal(swapped, t):
+        assert checksums([(swapped, 0)])[0] != whole
+
+
+def _flip(path, values: torch.Tensor, element: int = 0) -> None:
+    """Flip the top exponent bit of ``values[element]`` where ``path`` stores ``values``."""
+    data = bytearray(path.read_bytes())
+    at = data.find(values.contiguous().view(torch.uint8).numpy().tobytes())
+    assert at >= 0
+    data[at + element * values.element_size() + values.element_size() - 1] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bit_in_a_shard_is_refused_at_load_naming_the_tensor_untouched(tmp_path):
+    _, avg = _trained(steps=3)
+    dcp.save({"ema": avg}, checkpoint_id=tmp_path)
+    (shard,) = tmp_path.glob("*.distcp")
+    _flip(shard, avg.full_state_dict()["3.weight"], element=5)
+    target = distavg.ExponentialMovingAverage(small_model(seed=1), momentum=0.3)
+    target.update_parameters(small_model(seed=2))
+    before = _values(target)
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint tensor '3.weight' does not match the checksum saved with it: "
+        r"rows 0:2, saved by rank 0 \(shard file __0_\*.distcp\) changed after the save",
+    ):
+        dcp.load({"ema": target}, checkpoint_id=tmp_path)
+    _assert_equal(_values(target), before)
+    assert target.steps == 1
+
+
+def test_flipped_bit_is_refused_by_read_checkpoint_and_export_naming_the_file(tmp_path):
+    _, avg = _trained(steps=3)
+    dcp.save({"ema": avg}, checkpoint_id=tmp_path / "ckpt")
+    (shard,) = (tmp_path / "ckpt").glob("*.distcp")
+    _flip(shard, avg.full_state_dict()["0.bias"], element=9)
+    message = (
+        rf"checkpoint tensor '0.bias' under key='ema' does not match the checksum saved with "
+        rf"it: its data in '{shard}' \(rows 0:10\) changed after the save"
+    )
+    with pytest.raises(ValueError, match=message):
+        read_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=message):
+        export_checkpoint(tmp_path / "ckpt", tmp_path / "avg.pt")
+    assert not (tmp_path / "avg.pt").exists()
+
+
+def test_changed_value_in_a_torch_saved_state_dict_is_refused_untouched(tmp_path):
+    _, avg = _trained(steps=3)
+    sd = avg.state_dict()
+    sd["average"]["1.running_var"][4] += 1e-6
+    target = distavg.ExponentialMovingAverage(small_model(seed=1), momentum=0.3)
+    before = _values(target)
+    with pytest.raises(ValueError, match=r"checkpoint tensor '1.running_var' does not match"):
+        target.load_state_dict(sd)
+    _assert_equal(_values(target), before)
+
+
+def _without_checksums(sd: dict) -> dict:
+    """``sd`` as distavg wrote it before checksums: ``keys`` holds the tied aliases only."""
+    keys = {k: v["aliases"] for k, v in json.loads(sd["keys"]).items()}
+    return {**sd, "keys": json.dumps(keys)}
+
+
+def test_checkpoint_saved_without_checksums_loads_and_exports_with_one_warning(tmp_path):
+    _, avg = _trained(steps=3)
+    dcp.save({"ema": _without_checksums(avg.state_dict())}, checkpoint_id=tmp_path / "old")
+    fresh = distavg.ExponentialMovingAverage(small_model(seed=1), momentum=0.3)
+    with pytest.warns(UserWarning, match=r"has no checksums") as caught:
+        dcp.load({"ema": fresh}, checkpoint_id=tmp_path / "old")
+    assert len([w for w in caught if "checksums" in str(w.message)]) == 1
+    _assert_equal(_values(fresh), _values(avg))
+    assert fresh.steps == 3
+    with pytest.warns(UserWarning, match=r"has no checksums") as caught:
+        offline = read_checkpoint(tmp_path / "old")
+    assert len([w for w in caught if "checksums" in str(w.message)]) == 1
+    _assert_equal(offline, _values(avg))
+
+
+def test_checksums_are_checked_across_an_exact_upcast_and_skipped_with_a_warning_otherwise(
+    tmp_path,
+):
+    model = small_model()
+    low = distavg.ExponentialMovingAverage(model, momentum=0.3, dtype=torch.bfloat16)
+    low.update_parameters(model)
+    dcp.save({"ema": low}, checkpoint_id=tmp_path / "bf16")
+    wide = distavg.ExponentialMovingAverage(small_model(seed=1), momentum=0.3)
+    dcp.load({"ema": wide}, checkpoint_id=tmp_path / "bf16")  # bf16 -> fp32: exact, checked
+    for k, v in low.full_state_dict().items():
+        assert torch.equal(wide.full_state_dict()[k], v.to(wide.full_state_dict()[k].dtype)), k
+    (shard,) = (tmp_path / "bf16").glob("*.distcp")
+    _flip(shard, low.full_state_dict()["0.weight"])
+    with pytest.raises(ValueError, match=r"checkpoint tensor '0.weight' does not match"):
+        dcp.load({"ema": wide}, checkpoint_id=tmp_path / "bf16")
+
+    dcp.save({"ema": wide}, checkpoint_id=tmp_path / "fp32")
+    narrow = distavg.ExponentialMovingAverage(
+        small_model(seed=2), momentum=0.3, dtype=torch.bfloat16
+    )
+    with pytest.warns(UserWarning, match=r"saved in torch.float32 and load into a torch.bfloat16"):
+        dcp.load({"ema": narrow}, checkpoint_id=tmp_path / "fp32")
+
+
+def test_checksum_cost_is_measured_per_gib():
+    from distavg._checksum import ms_per_gib
+
+    assert 0 < ms_per_gib(nbytes=4 << 20, repeats=3) < 1e6
