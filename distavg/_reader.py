@@ -36,16 +36,19 @@ _METADATA_CLASSES = (
     "TensorStorageMetadata",
     "_MEM_FORMAT_ENCODING",
 )
+_PATHS = ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")
 ALLOWED = frozenset(
     [("torch.distributed.checkpoint.metadata", n) for n in _METADATA_CLASSES]
     + [
         ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        # where older torch kept the tensor properties
+        ("torch.distributed._shard.sharded_tensor.metadata", "TensorProperties"),
+        ("torch.distributed._shard.sharded_tensor.metadata", "MEM_FORMAT_ENCODING"),
         ("torch", "Size"),
         ("torch.serialization", "_get_layout"),
         ("collections", "OrderedDict"),
     ]
-    + [("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePosixPath")]
-    + [("pathlib", "PureWindowsPath")]
+    + [(module, n) for module in ("pathlib", "pathlib._local") for n in _PATHS]  # _local: 3.13
 )
 _TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
 
