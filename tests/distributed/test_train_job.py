@@ -55,7 +55,15 @@ def _env() -> dict[str, str]:
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[str, str]:
     """(stdout, stdout and stderr) of a command that must succeed."""
-    r = subprocess.run(cmd, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=120)
+    try:
+        r = subprocess.run(
+            cmd, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=300
+        )
+    except subprocess.TimeoutExpired as e:  # say where it hung
+        tail = "".join(
+            x.decode() if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr)
+        )
+        raise AssertionError(f"{' '.join(cmd)} hung for 300 s:\n{tail[-6000:]}") from None
     out = r.stdout + r.stderr
     assert r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}):\n{out[-6000:]}"
     return r.stdout, out
