@@ -35,6 +35,7 @@ import torch
 from .shards import CPU_STAGE_NUMEL
 
 MODULUS = 1 << 48
+LANES = 4  # the most lanes a checksum has (complex128)
 _PERIOD = 1 << 14
 _MULTIPLIER = 40503  # odd: i -> 40503 * i is a permutation modulo 2**14
 _BLOCK = 1 << 16  # at most 2**16: see the bounds above

@@ -40,8 +40,9 @@ from torch.distributed.checkpoint.metadata import (
 
 from . import _reader
 from ._checksum import checksums
+from ._verify import row_span
 from .shards import rows_shape
-from .state import Record, parse_keys, row_span
+from .state import Record, parse_keys
 
 if TYPE_CHECKING:
     from .averaged import BaseAveragedModel
