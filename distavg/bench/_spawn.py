@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +55,9 @@ def _rank(
             Path(rundir, "result.pkl").write_bytes(pickle.dumps(result))
         if dist.is_initialized():
             dist.barrier()  # before destroy_process_group, or gloo may abort at exit
+            # let gloo's threads retire finished work, which needs the GIL, before the
+            # teardown joins them (see launch/job/distributed.py)
+            time.sleep(0.1)
     except BaseException:
         Path(rundir, f"rank{rank}.err").write_text(traceback.format_exc())
         raise

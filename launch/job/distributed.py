@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -51,4 +52,8 @@ def restart_count() -> int:
 
 def close_distributed() -> None:
     dist.barrier()  # before destroy_process_group, or gloo may abort at exit
+    # gloo's worker threads retire finished work (the barrier keeps the last gather alive)
+    # after the barrier returns, and need the GIL to free its tensors; were the process
+    # group torn down at once, the main thread would join them holding the GIL and hang.
+    time.sleep(0.2)
     dist.destroy_process_group()
