@@ -20,8 +20,8 @@ of ``lerp`` (``coeff * (end - start) + base``, the branch on ``|w| < 0.5`` as ea
 CPU it is compiled with ``-ffp-contract=fast`` so that the compiler emits the one fused
 multiply-add eager's ``lerp_`` kernel uses: the result is then bitwise that of
 ``avg.lerp_(src.float(), w)`` (the tests check it). Elsewhere, or with another compiler, it
-may differ in the last bit; it is deterministic either way, so synchronous and
-asynchronous updates agree. If compilation fails the path warns once and falls back to
+may differ in the last bit: the first call checks the kernel against eager ``lerp_`` on a
+copy, and if compilation fails or the bits differ, the path warns once and falls back to
 the eager two-pass update for the rest of the process.
 """
 
@@ -102,9 +102,15 @@ def upcast_lerp_(avgs: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], wei
     try:
         kernel = _kernel()
         if not _ready:
-            # Compile and check on a copy, so a failure leaves the average untouched.
-            probe = avgs[0].clone()
-            kernel(probe, srcs[0], w)
+            # Compile and check on a copy, so a failure leaves the average untouched: the
+            # result must be bitwise eager's on both branches of lerp (|w| < 0.5 and not),
+            # which a torch or compiler that does not fuse the multiply-add misses by an ulp.
+            for check in (w, 1 - w):
+                probe, want = avgs[0].clone(), avgs[0].clone()
+                kernel(probe, srcs[0], check)
+                want.lerp_(srcs[0].to(want.dtype), check)
+                if not torch.equal(probe, want):
+                    raise RuntimeError("not bitwise equal to eager lerp_ on this build")
             _ready = True
         for a, s in zip(avgs, srcs, strict=True):
             kernel(a, s, w)
@@ -113,7 +119,7 @@ def upcast_lerp_(avgs: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], wei
             raise  # a compiled call failed half-way: do not hide a partial update
         _failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         warnings.warn(
-            f"distavg: the fused upcast-lerp could not be compiled ({_failure}); using the "
+            f"distavg: the fused upcast-lerp is not used ({_failure}); using the "
             f"eager update (about 2x slower for low-precision sources)",
             stacklevel=3,
         )

@@ -125,10 +125,35 @@ def test_fused_upcast_path_matches_per_tensor_lerp_bitwise(monkeypatch):
     upcast = avg.shards.groups[torch.float32].routes[Route.UPCAST]
     sizes = sorted(avg.shards.slots[i].numel for i in upcast)
     lerps = len(_Schedule.WEIGHTS) - 1  # every call but the first averages
-    # the probe on a copy, then every upcast tensor on every averaging call
-    assert len(upcast) == 2 and len(compiled_calls) == 1 + lerps * len(upcast)
-    assert sorted(compiled_calls[1:]) == sorted(sizes * lerps)
+    # two probes on copies (both branches of lerp), then every upcast tensor on every
+    # averaging call
+    assert len(upcast) == 2 and len(compiled_calls) == 2 + lerps * len(upcast)
+    assert sorted(compiled_calls[2:]) == sorted(sizes * lerps)
     # Bitwise: one fma, as eager's lerp (see [Note: fused upcast-lerp]).
+    _assert_bitwise(got, ref)
+
+
+def test_a_fused_kernel_an_ulp_off_falls_back_to_eager_with_a_warning(monkeypatch):
+    # A torch or compiler that does not fuse the multiply-add differs from eager lerp_ in
+    # the last bit: the probe sees it and the eager path runs instead.
+    monkeypatch.setattr(_kernels, "_failure", None)
+    monkeypatch.setattr(_kernels, "_ready", False)
+
+    def off_by_an_ulp() -> object:
+        def run(avg: torch.Tensor, src: torch.Tensor, w: torch.Tensor) -> None:
+            avg.copy_(torch.nextafter(torch.lerp(avg, src.to(avg.dtype), w), avg + 1))
+
+        return run
+
+    monkeypatch.setattr(_kernels, "_kernel", off_by_an_ulp)
+    ref = _reference(_mixed_model(torch.bfloat16), torch.float32, list(_Schedule.WEIGHTS))
+    with (
+        _kernels.fused_upcast(True),
+        pytest.warns(UserWarning, match="not bitwise equal to eager lerp_ on this build"),
+    ):
+        _, got = _run(_mixed_model(torch.bfloat16), dtype=torch.float32)
+    assert not _kernels.compiled_ready()
+    assert "fell back to eager" in _kernels.status()
     _assert_bitwise(got, ref)
 
 
