@@ -111,3 +111,16 @@ def all_rules() -> list[tuple[type, dict]]:
         (distavg.PowerEMA, {"sigma_rel": 0.1}),
         (distavg.HalfLifeEMA, {"half_life": 5.0}),
     ]
+
+
+def flats(avg) -> dict[torch.dtype, torch.Tensor]:
+    """A copy of the average's flat buffer per dtype, once every pending update is applied."""
+    avg.wait()
+    return {d: g.flat.clone() for d, g in avg.shards.groups.items()}
+
+
+def assert_bitwise(a: dict, b: dict) -> None:
+    """Two :func:`flats` results hold the same bits."""
+    assert a.keys() == b.keys()
+    for d in a:
+        assert torch.equal(a[d], b[d]), f"{d} differs"

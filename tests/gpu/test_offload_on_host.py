@@ -14,6 +14,7 @@ import weakref
 
 import pytest
 import torch
+from reference import assert_bitwise, flats
 from torch import nn
 
 import distavg
@@ -50,17 +51,6 @@ def _offloaded(model: nn.Module, blocking: bool, bucket_bytes: int = 4096, **kw)
     return avg
 
 
-def _flats(avg: distavg.BaseAveragedModel) -> dict:
-    avg.wait()
-    return {d: g.flat.clone() for d, g in avg.shards.groups.items()}
-
-
-def _assert_bitwise(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for d in a:
-        assert torch.equal(a[d], b[d]), f"{d} differs"
-
-
 @pytest.mark.parametrize("interval", [1, 2])
 @pytest.mark.parametrize("update_buffers", [False, True])
 @pytest.mark.parametrize("dtype", [None, torch.float32])
@@ -75,13 +65,13 @@ def test_double_buffered_offload_equals_sync_bitwise(interval, update_buffers, d
         for avg in (ref, blocking, asyn):
             avg.update_parameters(model)
         if i % 4 == 3:
-            _assert_bitwise(_flats(ref), _flats(asyn))
+            assert_bitwise(flats(ref), flats(asyn))
     plan = asyn.engine._sets[0].plans[False]
     assert len(plan.buckets) > 10  # small buckets: tensors split across them
     assert any(len(regions) > 1 for b in plan.buckets for _, regions in b.copies.values())
     assert not any(srcs for b in plan.buckets for srcs, _ in b.copies.values())  # released
-    _assert_bitwise(_flats(ref), _flats(blocking))
-    _assert_bitwise(_flats(ref), _flats(asyn))
+    assert_bitwise(flats(ref), flats(blocking))
+    assert_bitwise(flats(ref), flats(asyn))
     for avg in (blocking, asyn):
         avg.close()
 
@@ -113,7 +103,7 @@ def test_async_offload_waits_for_the_update_before_last_only():
     assert not last.wait(0.3)
     release.set()
     assert last.wait(10)
-    _assert_bitwise(_flats(ref), _flats(avg))
+    assert_bitwise(flats(ref), flats(avg))
     avg.close()
 
 
@@ -138,7 +128,7 @@ def test_offload_keeps_no_source_used_once(blocking):
     avg.wait()
     gc.collect()
     assert fresh and all(r() is None for r in fresh)
-    _assert_bitwise(_flats(ref), _flats(avg))
+    assert_bitwise(flats(ref), flats(avg))
     avg.close()
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from reference import all_rules
+from reference import all_rules, assert_bitwise, flats
 from torch import nn
 
 import distavg
@@ -34,17 +34,6 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None
     opt.step()
 
 
-def _flats(avg: distavg.BaseAveragedModel) -> dict:
-    avg.wait()
-    return {d: g.flat.clone() for d, g in avg.shards.groups.items()}
-
-
-def _assert_bitwise(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for d in a:
-        assert torch.equal(a[d], b[d]), f"{d} differs"
-
-
 @pytest.mark.parametrize(("cls", "kw"), RULES, ids=[c.__name__ for c, _ in RULES])
 @pytest.mark.parametrize("update_buffers", [False, True])
 def test_async_equals_sync_bitwise_each_rule(cls, kw, update_buffers):
@@ -59,9 +48,9 @@ def test_async_equals_sync_bitwise_each_rule(cls, kw, update_buffers):
         sync.update_parameters(model)
         asyn.update_parameters(model)
         if i % 7 == 6:  # also mid-run, with an update in flight
-            _assert_bitwise(_flats(sync), _flats(asyn))
+            assert_bitwise(flats(sync), flats(asyn))
     assert asyn.steps == sync.steps == 24
-    _assert_bitwise(_flats(sync), _flats(asyn))
+    assert_bitwise(flats(sync), flats(asyn))
     full_s, full_a = sync.full_state_dict(), asyn.full_state_dict()
     assert all(torch.equal(full_s[k], full_a[k]) for k in full_s)
 
@@ -106,11 +95,11 @@ def test_gradscaler_skipped_steps_push_nothing():
         else:
             skipped += 1
             # The average is untouched and the skipped step does not count.
-            ref_flats = _flats(ref)
-            _assert_bitwise(_flats(avg), ref_flats)
+            ref_flats = flats(ref)
+            assert_bitwise(flats(avg), ref_flats)
     assert skipped == 4
     assert avg.steps == ref.steps == 8
-    _assert_bitwise(_flats(avg), _flats(ref))
+    assert_bitwise(flats(avg), flats(ref))
 
 
 def test_update_without_a_step_does_nothing():
@@ -184,7 +173,7 @@ def _inflight_pair(lr: float, warm_steps: int):
 
     def still_lagging() -> None:
         held = {d: g.flat.clone() for d, g in asyn.shards.groups.items()}
-        _assert_bitwise(held, before)
+        assert_bitwise(held, before)
         assert not all(torch.equal(held[d], sync.shards.groups[d].flat) for d in held)
 
     gate.arm(still_lagging)
@@ -207,7 +196,7 @@ def test_optimizer_step_waits_for_the_inflight_update():
     # the update is held: it must still see the values of the step it was enqueued after.
     _step(model, opt, torch.randn(16, 8))
     assert gate.fenced_in_flight == 1  # the step's pre-hook fenced the held update
-    _assert_bitwise(_flats(sync), _flats(asyn))
+    assert_bitwise(flats(sync), flats(asyn))
 
 
 def test_worker_exception_surfaces_on_the_next_call():
@@ -355,7 +344,7 @@ def test_offload_buckets_and_cpu_math_equal_the_shards_update_bitwise(dtype, thr
         plan = plans[kind is F]
         plan.copy(lambda d, n: scratch[: n * d.itemsize].view(d), None)
         plan.apply(kind, w)
-        _assert_bitwise(_flats(ref), _flats(off))
+        assert_bitwise(flats(ref), flats(off))
 
 
 @pytest.fixture
@@ -382,7 +371,7 @@ def test_accelerate_prepared_optimizer_is_looked_through(accelerator):
         sync.update_parameters(model)
         asyn.update_parameters(model)
     assert asyn.steps == 5
-    _assert_bitwise(_flats(sync), _flats(asyn))
+    assert_bitwise(flats(sync), flats(asyn))
 
 
 def test_process_exits_cleanly_with_an_update_in_flight(tmp_path):
