@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -252,15 +251,9 @@ def _job(root: Path) -> None:
 
 
 def test_fit_averages_validates_checkpoints_resumes_and_exports_on_two_ranks(tmp_path):
-    root = Path(__file__).resolve().parents[2]  # distavg, wherever pytest was started
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(root))
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        __file__, str(tmp_path),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    from dist_utils import torchrun_self  # tests/ is on the path under pytest only
+
+    torchrun_self(__file__, tmp_path)
     for rank in range(2):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for kind, r in results.items():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -240,14 +239,9 @@ def _reference(steps: list) -> dict:
 
 
 def test_mmengine_runner_average_matches_reference_evaluates_on_it_and_resumes_exactly(tmp_path):
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), **TORCH_LOAD}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        __file__, str(tmp_path),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    from dist_utils import torchrun_self  # tests/ is on the path under pytest only
+
+    torchrun_self(__file__, tmp_path, **TORCH_LOAD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     a, b = ranks[0]["a"], ranks[0]["b"]
 

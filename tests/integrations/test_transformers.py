@@ -12,8 +12,6 @@ checks them against an EMA computed here by hand.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -183,19 +181,13 @@ def _eval_loss(state: dict) -> float:
 
 
 def test_trainer_average_evaluation_checkpoint_resume_and_export(tmp_path):
+    from dist_utils import torchrun_self  # tests/ is on the path under pytest only
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
     from distavg.export import read_checkpoint
 
-    root = Path(__file__).resolve().parents[2]  # distavg, wherever pytest was started
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        __file__, str(tmp_path),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    torchrun_self(__file__, tmp_path, timeout=600, HF_HUB_OFFLINE="1")
     r = torch.load(tmp_path / "result.pt", weights_only=False)
     ref = _reference(r["steps"])
     a = tmp_path / "A"
